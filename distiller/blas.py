@@ -1,0 +1,180 @@
+"""Put an optimized BLAS under MLX on Linux CPU.
+
+The PyPI ``mlx[cpu]`` wheel links a bundled *reference* BLAS: float32 GEMM runs at a few
+GFLOP/s, ~40x below what the same machine does with OpenBLAS. ``libmlx.so`` resolves
+``cblas_sgemm`` through the dynamic linker's global scope first, so loading an optimized BLAS
+with ``RTLD_GLOBAL`` *before* ``mlx.core`` is first imported makes MLX use it, unmodified.
+
+This module must not import mlx. ``distiller/__init__.py`` calls :func:`ensure_optimized_blas`
+before anything else, so ``import distiller`` is all a user needs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import glob
+import os
+import platform
+import subprocess
+import sys
+import warnings
+from dataclasses import dataclass
+
+ENV_BLAS = "DISTILLER_BLAS"  # explicit library path, or "off" to leave MLX's BLAS alone
+
+FIX_HINT = (
+    "Install an optimized BLAS, e.g. `sudo apt-get install libopenblas0-pthread` on Debian/Ubuntu "
+    "(scripts/setup.sh does this), or point DISTILLER_BLAS at a libopenblas/libblis/libmkl_rt .so."
+)
+
+# Library stems in order of preference: each exports the standard CBLAS symbols.
+_CANDIDATE_NAMES = ("openblas", "openblasp", "openblaso", "blis", "mkl_rt")
+_GLOB_PATTERNS = (
+    "/usr/lib/*/openblas*/libopenblas*.so*",
+    "/usr/lib/*/libopenblas*.so*",
+    "/usr/lib64/libopenblas*.so*",
+    "/usr/lib/libopenblas*.so*",
+    "/usr/local/lib/libopenblas*.so*",
+    "/opt/*/lib/libopenblas*.so*",
+    "/usr/lib/*/libblis*.so*",
+)
+
+
+@dataclass
+class BlasStatus:
+    """What happened when distiller tried to put an optimized BLAS under MLX."""
+
+    attempted: bool
+    loaded_path: str | None = None
+    reason: str = ""
+    mlx_was_imported_first: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.loaded_path is not None
+
+
+_status: BlasStatus | None = None
+_warned = False
+
+
+def _needs_optimized_blas() -> bool:
+    # macOS uses Accelerate through the Metal/CPU build; only Linux wheels bundle reference BLAS.
+    return sys.platform.startswith("linux") and os.environ.get(ENV_BLAS, "").lower() != "off"
+
+
+def _ldconfig_paths() -> list[str]:
+    for ldconfig in ("ldconfig", "/sbin/ldconfig", "/usr/sbin/ldconfig"):
+        try:
+            out = subprocess.run(
+                [ldconfig, "-p"], capture_output=True, text=True, timeout=5, check=False
+            ).stdout
+        except (OSError, subprocess.SubprocessError):
+            continue
+        paths = []
+        for line in out.splitlines():
+            name, _, path = line.partition("=>")
+            if any(f"lib{stem}" in name for stem in _CANDIDATE_NAMES) and path.strip():
+                paths.append(path.strip())
+        return paths
+    return []
+
+
+def candidate_blas_paths() -> list[str]:
+    """Every optimized BLAS library this machine seems to have, best first, no duplicates."""
+    found: list[str] = []
+    explicit = os.environ.get(ENV_BLAS)
+    if explicit and explicit.lower() != "off":
+        found.append(explicit)
+    for stem in _CANDIDATE_NAMES:
+        name = ctypes.util.find_library(stem)
+        if name:
+            found.append(name)
+    found.extend(_ldconfig_paths())
+    prefix = os.environ.get("CONDA_PREFIX")
+    if prefix:
+        found.extend(sorted(glob.glob(os.path.join(prefix, "lib", "libopenblas*.so*"))))
+    for pattern in _GLOB_PATTERNS:
+        found.extend(sorted(glob.glob(pattern)))
+    seen: set[str] = set()
+    unique = []
+    for path in found:
+        key = os.path.realpath(path) if os.path.isabs(path) else path
+        if key not in seen:
+            seen.add(key)
+            unique.append(path)
+    return unique
+
+
+def _try_load(path: str) -> bool:
+    try:
+        lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+    except OSError:
+        return False
+    # A library named like BLAS that lacks CBLAS (e.g. a Fortran-only build) would not help.
+    return hasattr(lib, "cblas_sgemm")
+
+
+def ensure_optimized_blas() -> BlasStatus:
+    """Load an optimized BLAS globally before MLX is imported; idempotent, warns once on failure."""
+    global _status
+    if _status is not None:
+        return _status
+    if not _needs_optimized_blas():
+        _status = BlasStatus(attempted=False, reason=f"not needed on {platform.system()}")
+        return _status
+    mlx_first = "mlx.core" in sys.modules
+    for path in candidate_blas_paths():
+        if _try_load(path):
+            _status = BlasStatus(True, path, "loaded", mlx_was_imported_first=mlx_first)
+            break
+    else:
+        _status = BlasStatus(True, None, "no optimized BLAS found", mlx_first)
+    if _status.ok and mlx_first:
+        _status.reason = "mlx.core was imported before distiller; MLX may keep its reference BLAS"
+    if not _status.ok or mlx_first:
+        _warn_once(_status)
+    return _status
+
+
+def _warn_once(status: BlasStatus) -> None:
+    global _warned
+    if _warned:
+        return
+    _warned = True
+    if status.mlx_was_imported_first:
+        msg = (
+            "distiller: mlx.core was imported before distiller, so MLX may be using its slow "
+            "bundled reference BLAS (~40x slower float32 matmul). Import distiller first."
+        )
+    else:
+        msg = f"distiller: no optimized BLAS found; MLX float32 matmul will be ~40x slower. {FIX_HINT}"
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def resolved_cblas_library() -> str | None:
+    """The file that provides ``cblas_sgemm`` in this process's global symbol scope."""
+
+    class _DlInfo(ctypes.Structure):
+        _fields_ = [
+            ("dli_fname", ctypes.c_char_p),
+            ("dli_fbase", ctypes.c_void_p),
+            ("dli_sname", ctypes.c_char_p),
+            ("dli_saddr", ctypes.c_void_p),
+        ]
+
+    try:
+        process = ctypes.CDLL(None)
+        symbol = process.cblas_sgemm
+        libdl = ctypes.CDLL(ctypes.util.find_library("dl") or "libc.so.6")
+    except (OSError, AttributeError):
+        return None
+    info = _DlInfo()
+    if libdl.dladdr(ctypes.cast(symbol, ctypes.c_void_p), ctypes.byref(info)) == 0:
+        return None
+    return info.dli_fname.decode() if info.dli_fname else None
+
+
+def status() -> BlasStatus:
+    return ensure_optimized_blas()

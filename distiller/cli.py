@@ -1,0 +1,76 @@
+"""The ``distiller`` command line: one subcommand per pipeline stage.
+
+Each subcommand lives in the module that implements its stage; that module exposes
+``add_arguments(parser)`` and ``run_cli(args) -> int``. Only the chosen module is imported,
+so ``distiller --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from distiller.errors import UserError
+
+# name -> (module, one-line help). Order is the order of the pipeline.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "doctor": ("distiller.doctor", "check platform, MLX device, BLAS speed and the model cache"),
+    "models": ("distiller.models.cli", "pull, import (GGUF), list and locate models"),
+    "generate": ("distiller.generate", "generate text with any model (quick check)"),
+}
+
+EPILOG = """\
+pipeline: spec -> teacher samples -> dataset -> adapter -> fused model -> metrics -> report
+
+examples:
+  distiller doctor
+  distiller models pull smollm2-135m-instruct
+  distiller generate --model smollm2-135m-instruct --prompt "What is a quorum?"
+"""
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="distiller",
+        description="Distill a teacher LLM into a small, fast MLX student.",
+        epilog=EPILOG,
+        formatter_class=_Formatter,
+    )
+    from distiller import __version__
+
+    parser.add_argument("--version", action="version", version=f"distiller {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            module = importlib.import_module(module_name)
+            module.add_arguments(sub_parser)
+            sub_parser.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._module.run_cli(args) or 0)
+    except KeyboardInterrupt:
+        print("\ninterrupted; everything finished so far is saved.", file=sys.stderr)
+        return 130
+    except UserError as exc:  # bad input: one clear line, no traceback
+        print(f"distiller {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
