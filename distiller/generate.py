@@ -1,0 +1,412 @@
+"""Text generation with any MLX model: batched (throughput) and single-stream (latency).
+
+Batched generation runs mlx-lm's ``BatchGenerator`` (continuous batching with a batched KV
+cache): up to ``batch_size`` sequences decode together, each stops at its own EOS, and a
+finished slot is refilled with the next prompt. Sampling is reproducible per sequence: with a
+seed every sequence draws from its own PRNG key, so a prompt's sample does not depend on which
+other prompts share its batch. ``temperature == 0`` is greedy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import mlx.core as mx
+
+Sampler = Callable[[mx.array], mx.array]
+
+
+@dataclass
+class Generation:
+    """One generated completion.
+
+    ``generation_tokens`` counts every token the model produced, including a final stop
+    token (it cost a decode step); ``tokens`` and ``text`` exclude the stop token.
+    ``elapsed_s`` is the time from the start of the call until this sequence finished.
+    ``prompt_tps`` / ``generation_tps`` are per-sequence only on the single-stream path;
+    in a batch they are the batch aggregates (see ``GenerationStats``).
+    """
+
+    text: str
+    prompt_tokens: int
+    generation_tokens: int
+    finish_reason: str  # "stop" (EOS) or "length" (max_tokens)
+    tokens: list[int] = field(default_factory=list)
+    elapsed_s: float = 0.0
+    prompt_tps: float = 0.0
+    generation_tps: float = 0.0
+    peak_memory_gb: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class GenerationStats:
+    """Aggregate throughput of one generate call (or several, summed with ``+=``).
+
+    prompt_tps: prefill tokens / prefill time. decode_tps: generated tokens / time inside
+    decode steps. generation_tps: generated tokens / (wall time - prefill time), what
+    ``mlx_lm.batch_generate`` reports. peak_memory_gb: MLX's process-wide high-water mark
+    (``mx.get_peak_memory``) at the end of the call.
+    """
+
+    sequences: int = 0
+    prompt_tokens: int = 0
+    prompt_time: float = 0.0
+    generation_tokens: int = 0
+    decode_time: float = 0.0
+    wall_time: float = 0.0
+    peak_memory_gb: float = 0.0
+
+    @property
+    def prompt_tps(self) -> float:
+        return self.prompt_tokens / self.prompt_time if self.prompt_time > 0 else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        return self.generation_tokens / self.decode_time if self.decode_time > 0 else 0.0
+
+    @property
+    def generation_tps(self) -> float:
+        gen_time = self.wall_time - self.prompt_time
+        return self.generation_tokens / gen_time if gen_time > 0 else 0.0
+
+    def __iadd__(self, other: GenerationStats) -> GenerationStats:
+        self.sequences += other.sequences
+        self.prompt_tokens += other.prompt_tokens
+        self.prompt_time += other.prompt_time
+        self.generation_tokens += other.generation_tokens
+        self.decode_time += other.decode_time
+        self.wall_time += other.wall_time
+        self.peak_memory_gb = max(self.peak_memory_gb, other.peak_memory_gb)
+        return self
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(
+            prompt_tps=self.prompt_tps,
+            decode_tps=self.decode_tps,
+            generation_tps=self.generation_tps,
+        )
+        return d
+
+    def summary(self) -> str:
+        return (
+            f"prompt: {self.prompt_tokens} tok, {self.prompt_tps:.1f} tok/s | "
+            f"generation: {self.generation_tokens} tok, {self.generation_tps:.1f} tok/s "
+            f"(decode {self.decode_tps:.1f} tok/s) | peak memory {self.peak_memory_gb:.3f} GB"
+        )
+
+
+class Generations(list):
+    """A list of ``Generation`` (in prompt order) that also carries the call's ``stats``."""
+
+    stats: GenerationStats
+
+    def __init__(self, items=(), stats: GenerationStats | None = None):
+        super().__init__(items)
+        self.stats = stats or GenerationStats()
+
+
+# -- prompts -------------------------------------------------------------------------------
+
+
+def build_messages(
+    user: str, system: str | None = None, few_shot: Sequence[tuple[str, str]] = ()
+) -> list[dict]:
+    """Chat messages: optional system prompt, few-shot (user, assistant) turns, then the user."""
+    messages: list[dict] = []
+    if system:
+        messages.append({"role": "system", "content": system})
+    for shot_user, shot_assistant in few_shot:
+        messages.append({"role": "user", "content": shot_user})
+        messages.append({"role": "assistant", "content": shot_assistant})
+    messages.append({"role": "user", "content": user})
+    return messages
+
+
+def chat_prompt(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of ``messages`` rendered with the tokenizer's chat template."""
+    if not getattr(tokenizer, "chat_template", None) and not getattr(
+        tokenizer, "has_chat_template", False
+    ):
+        raise ValueError("this tokenizer has no chat template; pass token ids instead")
+    ids = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=add_generation_prompt, tokenize=True
+    )
+    # transformers may hand back a BatchEncoding-like dict depending on version.
+    if isinstance(ids, dict):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+# -- sampling ------------------------------------------------------------------------------
+
+
+def make_sampler(temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> Sampler:
+    """A sampler for one sequence. Greedy at temperature 0; with a seed it owns its PRNG key.
+
+    A keyed sampler splits its own key every step, so the sequence of draws depends only on
+    the seed and the logits, never on global RNG state or on other sequences in the batch.
+    """
+    from mlx_lm.sample_utils import apply_top_p, greedy_sampler
+    from mlx_lm.sample_utils import make_sampler as mlx_make_sampler
+
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if temperature == 0:
+        return greedy_sampler
+    if seed is None:
+        return mlx_make_sampler(temp=temperature, top_p=top_p if top_p < 1 else 0.0)
+
+    key = mx.random.key(seed)
+    inv_temp = 1.0 / temperature
+
+    def sample(logprobs: mx.array) -> mx.array:
+        nonlocal key
+        key, sub = mx.random.split(key)
+        if top_p < 1:
+            logprobs = apply_top_p(logprobs, top_p)
+        return mx.random.categorical(logprobs * inv_temp, key=sub)
+
+    return sample
+
+
+def _seeds(seed: int | Sequence[int] | None, n: int) -> list[int | None]:
+    if seed is None:
+        return [None] * n
+    if isinstance(seed, int):
+        # Distinct, stable per-position seeds derived from one run seed.
+        return [(seed * 1_000_003 + i) % (2**63) for i in range(n)]
+    seeds = list(seed)
+    if len(seeds) != n:
+        raise ValueError(f"got {len(seeds)} seeds for {n} prompts")
+    return seeds
+
+
+# -- batched generation --------------------------------------------------------------------
+
+
+def generate_batch(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    max_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | Sequence[int] | None = None,
+    batch_size: int = 16,
+    progress: Callable[[int], object] | None = None,
+    reset_peak_memory: bool = False,
+) -> Generations:
+    """Generate a completion for every prompt (token ids), up to ``batch_size`` at a time.
+
+    ``seed`` is one run seed (per-prompt seeds are derived from it and the prompt's position)
+    or one seed per prompt. ``progress(n)`` is called with the number of sequences that just
+    finished (``tqdm.update`` fits). Returns the generations in prompt order, with ``.stats``.
+    """
+    from mlx_lm.generate import BatchGenerator
+
+    if not prompts:
+        return Generations()
+    if max_tokens <= 0:
+        raise ValueError(f"max_tokens must be > 0, got {max_tokens}")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("empty prompt")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be > 0, got {batch_size}")
+
+    seeds = _seeds(seed, len(prompts))
+    if temperature == 0 or seed is None:
+        samplers = None  # one shared sampler: a single batched sampling call per step
+        shared = make_sampler(temperature, top_p)
+    else:
+        samplers = [make_sampler(temperature, top_p, s) for s in seeds]
+        shared = None
+    eos = sorted(tokenizer.eos_token_ids)
+
+    if reset_peak_memory:
+        mx.reset_peak_memory()
+    start = time.perf_counter()
+    gen = BatchGenerator(
+        model,
+        max_tokens=max_tokens,
+        stop_tokens=[[t] for t in eos],
+        sampler=shared,
+        completion_batch_size=batch_size,
+        prefill_batch_size=batch_size,
+    )
+    try:
+        uids = gen.insert(prompts, [max_tokens] * len(prompts), samplers=samplers)
+        index = {uid: i for i, uid in enumerate(uids)}
+        tokens: list[list[int]] = [[] for _ in prompts]
+        produced = [0] * len(prompts)
+        results: list[Generation | None] = [None] * len(prompts)
+        with gen.stats() as bstats:
+            while responses := gen.next_generated():
+                finished = 0
+                for r in responses:
+                    i = index[r.uid]
+                    produced[i] += 1
+                    if r.finish_reason != "stop":
+                        tokens[i].append(r.token)
+                    if r.finish_reason is not None:
+                        results[i] = Generation(
+                            text=tokenizer.decode(tokens[i]),
+                            prompt_tokens=len(prompts[i]),
+                            generation_tokens=produced[i],
+                            finish_reason=r.finish_reason,
+                            tokens=tokens[i],
+                            elapsed_s=time.perf_counter() - start,
+                        )
+                        finished += 1
+                if finished and progress is not None:
+                    progress(finished)
+    finally:
+        gen.close()
+
+    stats = GenerationStats(
+        sequences=len(prompts),
+        prompt_tokens=sum(len(p) for p in prompts),
+        prompt_time=bstats.prompt_time,
+        generation_tokens=sum(produced),
+        decode_time=bstats.decode_time,
+        wall_time=time.perf_counter() - start,
+        peak_memory_gb=mx.get_peak_memory() / 1e9,
+    )
+    out = Generations([], stats)
+    for g in results:
+        assert g is not None  # every inserted sequence ends with a finish_reason
+        g.prompt_tps, g.generation_tps = stats.prompt_tps, stats.generation_tps
+        g.peak_memory_gb = stats.peak_memory_gb
+        out.append(g)
+    return out
+
+
+# -- single stream -------------------------------------------------------------------------
+
+
+def generate_one(
+    model,
+    tokenizer,
+    prompt: list[int],
+    max_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    on_text: Callable[[str], object] | None = None,
+    reset_peak_memory: bool = False,
+) -> Generation:
+    """Generate one completion on the single-stream path (what a latency number means).
+
+    ``on_text`` receives each decoded text segment as it is produced (for streaming output).
+    The returned ``Generation`` carries this prompt's prefill and decode tok/s.
+    """
+    from mlx_lm.generate import stream_generate
+
+    if not prompt:
+        raise ValueError("empty prompt")
+    if max_tokens <= 0:
+        raise ValueError(f"max_tokens must be > 0, got {max_tokens}")
+    seed_one = _seeds(seed, 1)[0] if seed is not None else None
+    sampler = make_sampler(temperature, top_p, seed_one)
+    if reset_peak_memory:
+        mx.reset_peak_memory()
+    start = time.perf_counter()
+    tokens: list[int] = []
+    last = None
+    eos = tokenizer.eos_token_ids
+    for last in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, sampler=sampler):
+        if last.text and on_text is not None:
+            on_text(last.text)
+        if not (last.finish_reason == "stop" and last.token in eos):
+            tokens.append(last.token)
+    assert last is not None
+    return Generation(
+        # Decode in one go (like the batch path): the streaming detokenizer may drop a
+        # leading space, and the two paths must return identical text.
+        text=tokenizer.decode(tokens),
+        prompt_tokens=last.prompt_tokens,
+        generation_tokens=last.generation_tokens,
+        finish_reason=last.finish_reason or "length",
+        tokens=tokens,
+        elapsed_s=time.perf_counter() - start,
+        prompt_tps=last.prompt_tps,
+        generation_tps=last.generation_tps,
+        peak_memory_gb=mx.get_peak_memory() / 1e9,
+    )
+
+
+# -- CLI -----------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="model name from the registry (e.g. smollm2-135m-instruct) or a model directory",
+    )
+    parser.add_argument("--prompt", required=True, help="user message ('-' reads stdin)")
+    parser.add_argument("--system", default=None, help="optional system prompt")
+    parser.add_argument("--max-tokens", type=int, default=256, help="default: 256")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default: 1)")
+    parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
+
+
+def _load(name_or_path: str):
+    try:
+        from distiller.models import load_model
+    except ImportError:  # TODO: remove once distiller.models lands (another engineer's module)
+        from mlx_lm import load
+
+        from distiller.device import compute_dtype
+
+        model, tokenizer = load(name_or_path)
+        model.set_dtype(compute_dtype())
+        return model, tokenizer
+    return load_model(name_or_path)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    from distiller.errors import UserError
+
+    if args.max_tokens <= 0:
+        raise UserError(f"--max-tokens must be > 0, got {args.max_tokens}")
+    if args.temperature < 0:
+        raise UserError(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
+    user = sys.stdin.read() if args.prompt == "-" else args.prompt
+    model, tokenizer = _load(args.model)
+    prompt = chat_prompt(tokenizer, build_messages(user, args.system))
+
+    def echo(text: str) -> None:
+        print(text, end="", flush=True)
+
+    g = generate_one(
+        model,
+        tokenizer,
+        prompt,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        on_text=echo,
+        reset_peak_memory=True,
+    )
+    print()
+    print(
+        f"[{g.prompt_tokens} prompt tok, {g.prompt_tps:.1f} tok/s | "
+        f"{g.generation_tokens} generated tok, {g.generation_tps:.1f} tok/s | "
+        f"peak memory {g.peak_memory_gb:.3f} GB | finish: {g.finish_reason}]",
+        file=sys.stderr,
+    )
+    return 0
