@@ -164,16 +164,38 @@ def resolved_cblas_library() -> str | None:
             ("dli_saddr", ctypes.c_void_p),
         ]
 
+    # libmlx binds cblas_sgemm through the global scope first (where RTLD_GLOBAL libraries
+    # live), then through its own dependencies (the bundled reference BLAS).
+    symbol = None
+    for handle in (None, _loaded_libmlx()):
+        try:
+            symbol = getattr(ctypes.CDLL(handle), "cblas_sgemm")
+            break
+        except (OSError, AttributeError, TypeError):
+            continue
     try:
-        process = ctypes.CDLL(None)
-        symbol = process.cblas_sgemm
         libdl = ctypes.CDLL(ctypes.util.find_library("dl") or "libc.so.6")
-    except (OSError, AttributeError):
+    except OSError:
+        return None
+    if symbol is None:
         return None
     info = _DlInfo()
     if libdl.dladdr(ctypes.cast(symbol, ctypes.c_void_p), ctypes.byref(info)) == 0:
         return None
     return info.dli_fname.decode() if info.dli_fname else None
+
+
+def _loaded_libmlx() -> str | None:
+    """Path of the libmlx shared object mapped into this process, if any."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.rstrip().split(" ")[-1]
+                if os.path.basename(path).startswith("libmlx"):
+                    return path
+    except OSError:
+        pass
+    return None
 
 
 def status() -> BlasStatus:
