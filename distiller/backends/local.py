@@ -1,0 +1,79 @@
+"""A local MLX model as a teacher: requests are rendered with its chat template and generated
+in batches by ``distiller.generate.generate_batch``."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from distiller.backends import Completion, CompletionRequest
+
+
+class LocalBackend:
+    """Teacher backed by an MLX model loaded in this process.
+
+    ``model`` is a registry name or a model directory; pass ``loaded=(model, tokenizer)`` to
+    reuse an already loaded model (tests, notebooks). Loading is lazy: nothing happens until
+    the first ``complete``.
+    """
+
+    def __init__(self, model: str, batch_size: int = 16, loaded: tuple | None = None):
+        self.model_name = str(model)
+        self.batch_size = batch_size
+        self._loaded = loaded
+        self.stats = None  # GenerationStats summed over all calls
+
+    def _model(self):
+        if self._loaded is None:
+            from distiller.generate import _load
+
+            self._loaded = _load(self.model_name)
+        return self._loaded
+
+    def fingerprint(self) -> dict:
+        return {"backend": "local", "model": self.model_name}
+
+    def complete(self, requests: list[CompletionRequest]) -> list[Completion]:
+        from distiller.generate import GenerationStats, chat_prompt, generate_batch
+
+        model, tokenizer = self._model()
+        out: list[Completion | None] = [None] * len(requests)
+        # generate_batch takes one decoding setting per call: group requests that share one.
+        groups: dict[tuple, list[tuple[int, list[int]]]] = defaultdict(list)
+        for i, req in enumerate(requests):
+            try:
+                prompt = chat_prompt(tokenizer, req.messages)
+            except Exception as exc:  # a malformed conversation fails only its own request
+                out[i] = Completion(finish_reason="error", error=f"chat template: {exc}")
+                continue
+            key = (req.max_tokens, req.temperature, req.top_p, req.seed is None)
+            groups[key].append((i, prompt))
+        if self.stats is None:
+            self.stats = GenerationStats()
+        for (max_tokens, temperature, top_p, unseeded), items in groups.items():
+            idx = [i for i, _ in items]
+            seeds = None if unseeded else [requests[i].seed for i in idx]
+            gens = generate_batch(
+                model,
+                tokenizer,
+                [p for _, p in items],
+                max_tokens=max_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                seed=seeds,
+                batch_size=self.batch_size,
+            )
+            self.stats += gens.stats
+            for i, g in zip(idx, gens, strict=True):
+                out[i] = Completion(
+                    text=g.text,
+                    prompt_tokens=g.prompt_tokens,
+                    completion_tokens=g.generation_tokens,
+                    finish_reason=g.finish_reason,
+                )
+        return [c for c in out if c is not None]
+
+    def close(self) -> None:
+        self._loaded = None
+
+    def __repr__(self) -> str:
+        return f"LocalBackend(model={self.model_name!r}, batch_size={self.batch_size})"
