@@ -502,9 +502,10 @@ def load_prompts(
     doc: _Doc,
     key: str,
     inherit_template: str | None = None,
+    inherit_field: str = "text",
 ) -> tuple[Prompt, ...]:
     """Parse one prompts section (see the module docstring); errors point at ``doc``/``key``."""
-    template, fld, vary = inherit_template, "text", {}
+    template, fld, vary = inherit_template, inherit_field, {}
     src_doc, src_key, entries = doc, key, None
     if isinstance(value, str):
         src_doc = _read_doc(_resolve(base, value), what="prompts file")
@@ -523,7 +524,7 @@ def load_prompts(
                 raise m.err(
                     "template", f"a string with {{field}} placeholders, got {_describe(template)}"
                 )
-        fld = m.str("field", "text")
+        fld = m.str("field", inherit_field)
         vm = m.raw("vary", {})
         if not isinstance(vm, dict):
             raise m.err("vary", "a mapping of field -> list of values")
@@ -936,7 +937,7 @@ def _split(m: _Map, prompts: tuple[Prompt, ...]) -> SplitSpec:
     return s
 
 
-def _eval(m: _Map, base: Path, template: str | None) -> EvalSpec:
+def _eval(m: _Map, base: Path, template: str | None, fld: str) -> EvalSpec:
     th = m.raw("thresholds", {})
     if not isinstance(th, dict):
         raise m.err("thresholds", "a mapping of metric name -> number")
@@ -950,7 +951,12 @@ def _eval(m: _Map, base: Path, template: str | None) -> EvalSpec:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(name)):
             raise m.err(f"prompt_sets.{name}", "a set name of letters, digits, _ . -")
         sets[str(name)] = load_prompts(
-            value, base, m.doc, m.k(f"prompt_sets.{name}"), inherit_template=template
+            value,
+            base,
+            m.doc,
+            m.k(f"prompt_sets.{name}"),
+            inherit_template=template,
+            inherit_field=fld,
         )
     return EvalSpec(
         max_tokens=m.int("max_tokens", 256, lo=1),
@@ -978,6 +984,7 @@ def load_spec(path: str | Path) -> TaskSpec:
     pv = top.data["prompts"]
     prompts = load_prompts(pv, base, doc, "prompts")
     template = pv.get("template") if isinstance(pv, dict) else None
+    fld = (pv.get("field") or "text") if isinstance(pv, dict) else "text"
 
     if not top.has("teacher"):
         raise top.err("teacher", "required: {model: ...} or {endpoint: {url, model}}")
@@ -1006,7 +1013,10 @@ def load_spec(path: str | Path) -> TaskSpec:
     )), teacher)  # fmt: skip
     split = _split(top.sub("split", ("train", "valid", "test", "seed", "stratify_by")), prompts)
     ev = _eval(
-        top.sub("eval", ("max_tokens", "thresholds", "prompt_sets", "batch_size")), base, template
+        top.sub("eval", ("max_tokens", "thresholds", "prompt_sets", "batch_size")),
+        base,
+        template,
+        fld,
     )
 
     train_texts = {_norm_text(p.text): p.id for p in prompts}
