@@ -508,6 +508,15 @@ def _length_fn(p: dict[str, Any]) -> _CheckFn:
     return run
 
 
+_LABEL = re.compile(r"^[ \t#*_>\-\d.)]*[A-Za-z][\w \t'/&-]{0,40}?[*_]*:[*_]*[ \t]+")
+
+
+def _strip_label(line: str) -> str:
+    """Drop a leading ``LABEL:`` (a header) so equal bodies under different headers compare equal."""
+    m = _LABEL.match(line)
+    return line[m.end() :] if m and len(m.group(0).split()) <= 6 else line
+
+
 def _repetition_fn(p: dict[str, Any]) -> _CheckFn:
     n, min_sw = p["ngram"], p["min_sentence_words"]
 
@@ -523,14 +532,17 @@ def _repetition_fn(p: dict[str, Any]) -> _CheckFn:
             )
         checks.append(Check("repetition:ngrams", not reason, reason))
 
-        lines = Counter(" ".join(words(ln)) for ln in text.splitlines() if words(ln))
+        bodies = [_strip_label(ln) for ln in text.splitlines()]
+        lines = Counter(" ".join(ws) for b in bodies if (ws := words(b)))
         line, count = lines.most_common(1)[0] if lines else ("", 0)
         reason = ""
         if count > p["max_line_count"]:
             reason = f"line repeated {count} times (max {p['max_line_count']}): {_clip(line)!r}"
         checks.append(Check("repetition:lines", not reason, reason))
 
-        sents = Counter(tuple(ws) for s in split_sentences(text) if len(ws := words(s)) >= min_sw)
+        sents = Counter(
+            tuple(ws) for s in split_sentences("\n".join(bodies)) if len(ws := words(s)) >= min_sw
+        )
         sent, count = sents.most_common(1)[0] if sents else ((), 0)
         reason = ""
         if count > p["max_sentence_count"]:
