@@ -1,0 +1,1 @@
+"""Models: GGUF conversion, the model registry and cache, loading."""

@@ -1,0 +1,231 @@
+"""Rebuild a Hugging Face tokenizer (tokenizer.json + tokenizer_config.json) from GGUF metadata.
+
+A GGUF file carries its whole tokenizer as metadata: the token strings, the BPE merges, a type
+per token (normal / control / user-defined ...), the special token ids, the chat template and the
+name of llama.cpp's pre-tokenizer. We turn that back into the files ``transformers`` (and so
+``mlx_lm.load``) reads, written with the ``tokenizers`` library's own JSON schema.
+
+Only byte-level BPE vocabularies (``tokenizer.ggml.model == "gpt2"``) are supported; the
+pre-tokenizer must be one whose llama.cpp regex we can reproduce exactly (see ``_PRE_TOKENIZERS``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from distiller.errors import UserError
+
+# llama.cpp token types (llama_token_type in llama.h / gguf TokenType).
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+# llama.cpp's GPT-2 split regex; the tokenizers ByteLevel pre-tokenizer applies the same one
+# (use_regex=True), so we name the pre-tokenizers by which extra splits they add before it.
+# "smollm", "starcoder", "refact" and "codeshell" all first split every digit on its own
+# (regex "\p{N}" in llama.cpp's llm_tokenizer_bpe), which tokenizers calls Digits(individual).
+_PRE_TOKENIZERS: dict[str, str] = {
+    "smollm": "digits+bytelevel",
+    "starcoder": "digits+bytelevel",
+    "refact": "digits+bytelevel",
+    "codeshell": "digits+bytelevel",
+    "gpt-2": "bytelevel",
+    "gpt2": "bytelevel",
+    "default": "bytelevel",
+    "mpt": "bytelevel",
+    "olmo": "bytelevel",
+}
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _field(fields: Mapping[str, Any], key: str, default: Any = None) -> Any:
+    field = fields.get(key)
+    if field is None:
+        return default
+    return field.contents()
+
+
+def _pre_tokenizer(kind: str) -> dict[str, Any]:
+    byte_level = {
+        "type": "ByteLevel",
+        "add_prefix_space": False,
+        "trim_offsets": True,
+        "use_regex": True,
+    }
+    if kind == "bytelevel":
+        return byte_level
+    return {
+        "type": "Sequence",
+        "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level],
+    }
+
+
+def tokenizer_files_from_gguf(fields: Mapping[str, Any], source: str = "GGUF") -> dict[str, Any]:
+    """Return ``{filename: json-able object}`` for the tokenizer described by GGUF ``fields``.
+
+    ``fields`` is ``gguf.GGUFReader(path).fields``; ``source`` names the file in errors.
+    """
+    model = _field(fields, "tokenizer.ggml.model")
+    if model is None:
+        raise UserError(f"{source}: no tokenizer metadata (tokenizer.ggml.model is missing)")
+    if model != "gpt2":
+        raise UserError(
+            f"{source}: tokenizer.ggml.model is {model!r}; only byte-level BPE ('gpt2') "
+            "tokenizers can be converted"
+        )
+    pre = _field(fields, "tokenizer.ggml.pre", "default")
+    if pre not in _PRE_TOKENIZERS:
+        raise UserError(
+            f"{source}: tokenizer.ggml.pre is {pre!r}; supported pre-tokenizers: "
+            + ", ".join(sorted(_PRE_TOKENIZERS))
+        )
+    tokens: list[str] = list(_field(fields, "tokenizer.ggml.tokens", []))
+    types: list[int] = [int(t) for t in _field(fields, "tokenizer.ggml.token_type", [])]
+    merges_raw: list[str] = list(_field(fields, "tokenizer.ggml.merges", []))
+    if not tokens or len(types) != len(tokens):
+        raise UserError(
+            f"{source}: tokenizer.ggml.tokens ({len(tokens)}) and tokenizer.ggml.token_type "
+            f"({len(types)}) must be non-empty and of equal length"
+        )
+
+    merges = []
+    for i, merge in enumerate(merges_raw):
+        parts = merge.split(" ")
+        if len(parts) != 2:
+            raise UserError(
+                f"{source}: tokenizer.ggml.merges[{i}] is {merge!r}; expected 'left right'"
+            )
+        merges.append(parts)
+
+    added = []
+    for idx, (text, kind) in enumerate(zip(tokens, types, strict=True)):
+        if kind in (CONTROL, UNKNOWN, USER_DEFINED):
+            added.append(
+                {
+                    "id": idx,
+                    "content": text,
+                    "single_word": False,
+                    "lstrip": False,
+                    "rstrip": False,
+                    "normalized": False,
+                    # Control/unknown tokens are special: skipped by decode(skip_special_tokens).
+                    "special": kind != USER_DEFINED,
+                }
+            )
+
+    def special(key: str) -> str | None:
+        idx = _field(fields, f"tokenizer.ggml.{key}_token_id")
+        if idx is None:
+            return None
+        idx = int(idx)
+        if not 0 <= idx < len(tokens):
+            raise UserError(f"{source}: tokenizer.ggml.{key}_token_id {idx} is outside the vocab")
+        return tokens[idx]
+
+    specials = {
+        name: special(key)
+        for name, key in (
+            ("bos_token", "bos"),
+            ("eos_token", "eos"),
+            ("unk_token", "unknown"),
+            ("pad_token", "padding"),
+        )
+    }
+    specials = {k: v for k, v in specials.items() if v is not None}
+
+    tokenizer_json = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": None,
+        "pre_tokenizer": _pre_tokenizer(_PRE_TOKENIZERS[pre]),
+        # ByteLevel post-processing only fixes offsets; llama.cpp adds no BOS/EOS unless the
+        # GGUF asks for it, which tokenizer_config's add_bos_token/add_eos_token carry.
+        "post_processor": {
+            "type": "ByteLevel",
+            "add_prefix_space": False,
+            "trim_offsets": False,
+            "use_regex": True,
+        },
+        "decoder": {
+            "type": "ByteLevel",
+            "add_prefix_space": False,
+            "trim_offsets": True,
+            "use_regex": True,
+        },
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": False,
+            "vocab": {text: idx for idx, text in enumerate(tokens)},
+            "merges": merges,
+        },
+    }
+
+    add_bos = bool(_field(fields, "tokenizer.ggml.add_bos_token", False))
+    add_eos = bool(_field(fields, "tokenizer.ggml.add_eos_token", False))
+    context = None
+    arch = _field(fields, "general.architecture")
+    if arch is not None:
+        context = _field(fields, f"{arch}.context_length")
+    config: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": add_bos,
+        "add_eos_token": add_eos,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": int(context) if context else 1_000_000_000,
+        "added_tokens_decoder": {
+            str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in added
+        },
+        "additional_special_tokens": [
+            t["content"] for t in added if t["special"] and t["content"] not in specials.values()
+        ],
+        **specials,
+    }
+    template = _field(fields, "tokenizer.chat_template")
+    if template:
+        config["chat_template"] = template
+    special_map = {**specials, "additional_special_tokens": config["additional_special_tokens"]}
+    return {
+        "tokenizer.json": tokenizer_json,
+        "tokenizer_config.json": config,
+        "special_tokens_map.json": special_map,
+    }
+
+
+def write_tokenizer(
+    fields: Mapping[str, Any], out_dir: str | Path, source: str = "GGUF"
+) -> list[Path]:
+    """Write the tokenizer files for GGUF ``fields`` into ``out_dir``; returns the paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, obj in tokenizer_files_from_gguf(fields, source).items():
+        path = out / name
+        # tokenizer.json is large (vocab + merges): write it compactly; the small files indented.
+        indent = None if name == "tokenizer.json" else 2
+        path.write_text(json.dumps(obj, ensure_ascii=False, indent=indent) + "\n", encoding="utf-8")
+        written.append(path)
+    return written
+
+
+def convert_tokenizer(gguf_path: str | Path, out_dir: str | Path) -> list[Path]:
+    """Read ``gguf_path`` and write its tokenizer files into ``out_dir``."""
+    from gguf import GGUFReader
+
+    path = Path(gguf_path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such GGUF file")
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as exc:  # the gguf package raises ValueError/struct errors on bad files
+        raise UserError(f"{path}: not a readable GGUF file ({exc})") from exc
+    return write_tokenizer(reader.fields, out_dir, source=str(path))
