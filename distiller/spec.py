@@ -295,10 +295,18 @@ class _Doc:
         return SpecError(self.path, key or "(file)", expected, self.line(key))
 
 
+def _key_name(node: yaml.Node) -> str:
+    # The key as the loaded data spells it: YAML turns an unquoted `false:` key into False.
+    if isinstance(node, yaml.ScalarNode):
+        return str(yaml.SafeLoader("").construct_object(node))
+    return str(node.value)
+
+
 def _walk_lines(node: yaml.Node, prefix: str, out: dict[str, int]) -> None:
     if isinstance(node, yaml.MappingNode):
         for k, v in node.value:
-            key = f"{prefix}.{k.value}" if prefix else str(k.value)
+            name = _key_name(k)
+            key = f"{prefix}.{name}" if prefix else name
             out.setdefault(key, k.start_mark.line + 1)
             _walk_lines(v, key, out)
     elif isinstance(node, yaml.SequenceNode):
@@ -570,7 +578,11 @@ def load_prompts(
                 raise src_doc.error(f"{ekey}.meta", "a mapping")
             if pid is not None and not isinstance(pid, (str, int)):
                 raise src_doc.error(f"{ekey}.id", f"a string, got {_describe(pid)}")
-            if label is not None and not isinstance(label, (str, int, bool)):
+            if isinstance(label, bool):  # YAML 1.1 turns unquoted yes/no/on/off into booleans
+                raise src_doc.error(
+                    f"{ekey}.label", f"a string (quote {label!r}-like words: 'yes', 'no')"
+                )
+            if label is not None and not isinstance(label, (str, int)):
                 raise src_doc.error(f"{ekey}.label", f"a string, got {_describe(label)}")
         else:
             raise src_doc.error(ekey, f"a string or a mapping, got {_describe(entry)}")
