@@ -56,8 +56,8 @@ __all__ = [
     "TeacherSpec",
     "TrainSpec",
     "ValidatorSpec",
-    "load_prompts",
     "load_spec",
+    "read_prompts",
     "stable_hash",
 ]
 
@@ -389,6 +389,10 @@ class _Map:
     def has(self, name: str) -> bool:
         return self.data.get(name) is not None
 
+    def is_null(self, name: str) -> bool:
+        """Given explicitly as null (``key: null`` or ``key:``), which some keys use for "off"."""
+        return name in self.data and self.data[name] is None
+
     def raw(self, name: str, default: Any = None) -> Any:
         v = self.data.get(name)
         return default if v is None else v
@@ -500,11 +504,7 @@ def _norm_text(text: str) -> str:
     return " ".join(text.split()).casefold()
 
 
-def _template_fields(template: str) -> list[str]:
-    return [f for _, f, _, _ in string.Formatter().parse(template) if f]
-
-
-def load_prompts(
+def _load_prompts(
     value: Any,
     base: Path,
     doc: _Doc,
@@ -547,10 +547,9 @@ def load_prompts(
             src_key, entries = m.k("items"), m.raw("items")
     if template is not None:
         try:
-            names = _template_fields(template)
+            list(string.Formatter().parse(template))
         except ValueError as e:
             raise doc.error(f"{key}.template", f"a valid format string ({e})") from None
-        del names
     if not isinstance(entries, list) or not entries:
         raise src_doc.error(
             src_key, f"a non-empty list of prompt entries, got {_describe(entries)}"
@@ -631,6 +630,15 @@ def load_prompts(
     return tuple(prompts)
 
 
+def read_prompts(
+    path: str | Path, template: str | None = None, field: str = "text"
+) -> tuple[Prompt, ...]:
+    """Prompts from a YAML/JSONL list outside any spec (an extra eval set, say); same rules."""
+    path = Path(path).expanduser().resolve()
+    value = {"file": str(path), "template": template, "field": field}
+    return _load_prompts(value, path.parent, _Doc(path, value, {}), "prompts")
+
+
 # ---------------------------------------------------------------------------------------------
 # Sections
 
@@ -682,9 +690,8 @@ def _teacher(m: _Map, base: Path) -> TeacherSpec:
             max_retries=e.int("max_retries", 3, lo=0),
         )
     d = m.sub("decoding", ("temperature", "top_p", "max_tokens", "seed"))
-    seed = d.raw("seed", 0) if "seed" not in d.data else d.data["seed"]
-    if seed is not None:
-        seed = d.int("seed", 0, lo=0)
+    # An explicit `seed: null` means unseeded sampling; a missing seed means 0.
+    seed = None if d.is_null("seed") else d.int("seed", 0, lo=0)
     decoding = DecodingSpec(
         temperature=d.float("temperature", 0.7, lo=0),
         top_p=d.float("top_p", 1.0, lo=0, hi=1, lo_open=True),
@@ -812,11 +819,7 @@ def _student(m: _Map, teacher: TeacherSpec) -> StudentSpec:
         raise tm.err("epochs", "absent when iters is set (give exactly one of iters / epochs)")
     epochs = tm.float("epochs", None, lo=0, lo_open=True)
     iters = tm.int("iters", None if epochs else 200, lo=1)
-    grad_clip = (
-        tm.float("grad_clip", 1.0, lo=0, lo_open=True)
-        if tm.data.get("grad_clip", 1) is not None
-        else None
-    )
+    grad_clip = None if tm.is_null("grad_clip") else tm.float("grad_clip", 1.0, lo=0, lo_open=True)
     train = TrainSpec(
         iters=iters,
         epochs=epochs,
@@ -962,7 +965,7 @@ def _eval(m: _Map, base: Path, template: str | None, fld: str) -> EvalSpec:
     for name, value in ps.items():
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(name)):
             raise m.err(f"prompt_sets.{name}", "a set name of letters, digits, _ . -")
-        sets[str(name)] = load_prompts(
+        sets[str(name)] = _load_prompts(
             value,
             base,
             m.doc,
@@ -994,7 +997,7 @@ def load_spec(path: str | Path) -> TaskSpec:
     if not top.has("prompts"):
         raise top.err("prompts", "required: a prompts file, a list, or {file, template, ...}")
     pv = top.data["prompts"]
-    prompts = load_prompts(pv, base, doc, "prompts")
+    prompts = _load_prompts(pv, base, doc, "prompts")
     template = pv.get("template") if isinstance(pv, dict) else None
     fld = (pv.get("field") or "text") if isinstance(pv, dict) else "text"
 
@@ -1051,3 +1054,60 @@ def load_spec(path: str | Path) -> TaskSpec:
         split=split,
         eval=ev,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI: `distiller spec FILE` checks a spec; `--check TEXT` runs its validators on a text
+
+
+def add_arguments(parser: Any) -> None:
+    parser.description = (
+        "Load and validate a task spec and print a summary (exit 2 on the first problem, "
+        "naming file, key and line). With --check, run the spec's validators on a text."
+    )
+    parser.add_argument("spec", help="task spec YAML, e.g. fixtures/tasks/structured_cot.yaml")
+    parser.add_argument(
+        "--check",
+        metavar="TEXT_FILE",
+        help="a file ('-' for stdin) holding one model output to validate; exit 1 if it fails",
+    )
+    parser.add_argument("--json", action="store_true", help="print the summary/verdict as JSON")
+
+
+def run_cli(args: Any) -> int:
+    import sys
+
+    spec = load_spec(args.spec)
+    if args.check:
+        from distiller.validators import build_validator
+
+        text = sys.stdin.read() if args.check == "-" else Path(args.check).read_text("utf-8")
+        verdict = build_validator(spec.validators)(text)
+        if args.json:
+            print(json.dumps(verdict.to_dict(), indent=2))
+        else:
+            print(f"{'PASS' if verdict.passed else 'FAIL'}  score {verdict.score:.3f}")
+            for reason in verdict.reasons:
+                print(f"  - {reason}")
+        return 0 if verdict.passed else 1
+    summary = {
+        "name": spec.name,
+        "path": str(spec.path),
+        "prompts": len(spec.prompts),
+        "labels": {lb: sum(p.label == lb for p in spec.prompts) for lb in spec.labels},
+        "prompt_sets": {k: len(v) for k, v in spec.eval.prompt_sets.items()},
+        "teacher": spec.teacher.model
+        or f"{spec.teacher.endpoint.model} @ {spec.teacher.endpoint.url}",
+        "few_shot": len(spec.teacher.few_shot),
+        "validators": [v.type for v in spec.validators],
+        "student": f"{spec.student.model} ({spec.student.route})",
+        "split": f"{spec.split.train:g}/{spec.split.valid:g}/{spec.split.test:g} seed {spec.split.seed}",
+        "fingerprint": spec.fingerprint()[:16],
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        for k, v in summary.items():
+            if v or v == 0:
+                print(f"{k:12} {v}")
+    return 0

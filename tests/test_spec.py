@@ -19,6 +19,7 @@ from distiller.spec import (
     DropLayersSpec,
     TaskSpec,
     load_spec,
+    read_prompts,
     stable_hash,
 )
 from distiller.validators import build_validator, similarity, words
@@ -512,3 +513,36 @@ def test_unknown_key_anywhere_is_reported_at_its_line(tmp_path_factory, key, at)
         load_spec(path)
     (loaded_key,) = yaml.safe_load(f"{key}: 1")  # e.g. `false` loads as False
     assert (info.value.key, info.value.line) == (str(loaded_key), at + 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# read_prompts and the `distiller spec` command
+
+
+def test_read_prompts_outside_a_spec(tmp_path):
+    path = write(tmp_path, "- {q: one}\n- {q: two}\n", "extra.yaml")
+    prompts = read_prompts(path, template="Q: {q}")
+    assert [p.text for p in prompts] == ["Q: one", "Q: two"]
+    with pytest.raises(SpecError) as info:
+        read_prompts(path, template="Q: {x}")
+    assert (info.value.key, info.value.line) == ("[0]", 1)
+
+
+def test_cli_summarizes_and_checks(tmp_path, capsys):
+    from distiller.cli import main
+
+    assert main(["spec", str(TASKS / "structured_cot.yaml"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["prompts"] >= 60 and summary["validators"][0] == "sections"
+
+    cot = load_spec(TASKS / "structured_cot.yaml")
+    good = write(tmp_path, cot.teacher.few_shot[0].assistant, "good.txt")
+    assert main(["spec", str(cot.path), "--check", str(good)]) == 0
+    assert capsys.readouterr().out.startswith("PASS")
+    bad = write(tmp_path, "FAILURE MODE: x\nMECHANISM: y\n", "bad.txt")
+    assert main(["spec", str(cot.path), "--check", str(bad)]) == 1
+    assert "missing header: NAIVE FIXES" in capsys.readouterr().out
+
+    broken = write(tmp_path, MINIMAL + "student: {lora: {rank: -1}}\n")
+    assert main(["spec", str(broken)]) != 0
+    assert "student.lora.rank" in capsys.readouterr().err
