@@ -20,6 +20,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("distiller.generate", "generate text with any model (quick check)"),
     "spec": ("distiller.spec", "check a task spec; run its validators on a text (--check)"),
     "teach": ("distiller.teacher", "generate validated teacher samples for a task spec"),
+    "prepare": ("distiller.dataset", "turn teacher samples into train/valid/test chat data"),
+    "train": ("distiller.train", "train a student adapter (sft, seq-kd, logit-kd, dpo)"),
+    "fuse": ("distiller.fuse", "fuse an adapter into a standalone (optionally quantized) model"),
 }
 
 EPILOG = """\

@@ -1,0 +1,158 @@
+"""Stage: adapter -> fused model. Fold LoRA weights into the base, optionally quantize.
+
+The output is a standalone model dir (config.json, model.safetensors, tokenizer files) that
+plain ``mlx_lm.load(dir)`` opens, plus ``distiller_provenance.json`` recording the base model,
+the adapter's hash and the spec hash. It is written to a temporary sibling dir and renamed into
+place, so an interrupted fuse never leaves a half-written model behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from distiller.errors import UserError
+
+# Files of a model dir that are rewritten by the fuse; everything else (tokenizer, chat
+# template, generation config) is copied verbatim from the base.
+_REWRITTEN = {
+    "config.json",
+    "model.safetensors.index.json",
+    "README.md",
+    "distiller_provenance.json",
+}
+
+
+@dataclass
+class FuseResult:
+    out_dir: str
+    base_model: str
+    adapter_sha256: str
+    quantized: dict | None
+    fused_layers: int
+
+
+def adapter_hash(adapter_dir: str | Path) -> str:
+    """sha256 over the adapter config and weights: identifies exactly what was fused."""
+    adapter_dir = Path(adapter_dir)
+    h = hashlib.sha256()
+    for name in ("adapter_config.json", "adapters.safetensors"):
+        h.update(name.encode())
+        with open(adapter_dir / name, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def fuse(
+    adapter_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    base_model: str | None = None,
+    quantize: Any = None,
+    spec_hash: str | None = None,
+) -> FuseResult:
+    """Fuse ``adapter_dir`` (from ``distiller train``) into its base model, written to ``out_dir``.
+
+    ``quantize``: None, or anything with ``bits`` and ``group_size`` (a QuantizeSpec or dict).
+    ``base_model`` overrides the base recorded in adapter_config.json.
+    """
+    import mlx.core as mx
+    from mlx.utils import tree_unflatten
+    from mlx_lm.tuner.utils import load_adapters
+    from mlx_lm.utils import load_model, quantize_model, save_config, save_model
+
+    from distiller.train.trainer import model_path
+
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    cfg_path = adapter_dir / "adapter_config.json"
+    if not cfg_path.exists() or not (adapter_dir / "adapters.safetensors").exists():
+        raise UserError(
+            f"{adapter_dir}: not an adapter dir (needs adapter_config.json and adapters.safetensors)"
+        )
+    adapter_cfg = json.loads(cfg_path.read_text())
+    base = base_model or adapter_cfg.get("model")
+    if not base:
+        raise UserError(f"{cfg_path}: no base model recorded; pass --base")
+    base_dir = Path(model_path(base))
+
+    # The base in its stored dtype: fusing must not silently upcast the saved model.
+    model, config = load_model(base_dir)
+    load_adapters(model, str(adapter_dir))
+    fused = [(n, m.fuse()) for n, m in model.named_modules() if hasattr(m, "fuse")]
+    if fused:
+        model.update_modules(tree_unflatten(fused))
+
+    quant = None
+    if quantize:
+        get = quantize.get if isinstance(quantize, dict) else lambda k: getattr(quantize, k)
+        quant = {"bits": int(get("bits")), "group_size": int(get("group_size"))}
+        model, config = quantize_model(model, config, quant["group_size"], quant["bits"])
+    mx.eval(model.parameters())
+
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        save_model(tmp, model)
+        save_config(dict(config), tmp / "config.json")
+        for f in base_dir.iterdir():
+            if f.is_file() and f.suffix != ".safetensors" and f.name not in _REWRITTEN:
+                shutil.copy2(f, tmp / f.name)
+        result = FuseResult(str(out_dir), str(base), adapter_hash(adapter_dir), quant, len(fused))
+        provenance = {
+            **asdict(result),
+            "base_dir": str(base_dir),
+            "adapter_dir": str(adapter_dir),
+            "adapter_config": adapter_cfg,
+            "spec_hash": spec_hash,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        (tmp / "distiller_provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return result
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--adapter", required=True, help="adapter dir written by `distiller train`")
+    parser.add_argument(
+        "--out", required=True, help="fused model dir to write (replaced if present)"
+    )
+    parser.add_argument(
+        "--base", help="base model (default: the one recorded in adapter_config.json)"
+    )
+    parser.add_argument(
+        "--spec",
+        help="task spec: its hash goes into the provenance, and its "
+        "student.quantize settings are used unless --bits is given",
+    )
+    parser.add_argument(
+        "--bits", type=int, choices=(2, 3, 4, 5, 6, 8), help="quantize to this many bits"
+    )
+    parser.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128))
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    spec_hash, quant = None, None
+    if args.spec:
+        from distiller.spec import load_spec
+
+        spec = load_spec(args.spec)
+        spec_hash, quant = spec.fingerprint(), spec.student.quantize
+    if args.bits:
+        quant = {"bits": args.bits, "group_size": args.group_size}
+    r = fuse(args.adapter, args.out, base_model=args.base, quantize=quant, spec_hash=spec_hash)
+    q = f", quantized to {r.quantized['bits']} bits" if r.quantized else ""
+    print(f"fused {r.fused_layers} adapter layers into {r.base_model}{q}: {r.out_dir}")
+    return 0

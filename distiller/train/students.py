@@ -1,0 +1,156 @@
+"""Students made from the teacher: drop transformer blocks, keep the rest of the weights.
+
+Also the per-layer forward pass (hidden states) that hidden-state distillation needs, and the
+student-layer -> teacher-layer map.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from distiller.errors import UserError
+
+_LAYER_KEY = re.compile(r"^(model\.layers\.)(\d+)(\..*)$")
+
+
+def kept_layers(n_layers: int, drop: Any) -> list[int]:
+    """Indices of the teacher blocks a student keeps.
+
+    ``drop``: "every_other" (keep 0, 2, 4, ... and always the last block, whose output feeds
+    the final norm), an int N (keep N blocks spread evenly, first and last included), or a list
+    of block indices to drop.
+    """
+    if hasattr(drop, "layers_to_keep"):  # distiller.spec.DropLayersSpec
+        try:
+            return list(drop.layers_to_keep(n_layers))
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+    if drop in ("every_other", "alternate"):
+        keep = list(range(0, n_layers, 2))
+        if keep[-1] != n_layers - 1:
+            keep.append(n_layers - 1)
+        return keep
+    if isinstance(drop, int) and not isinstance(drop, bool):
+        if not 1 <= drop <= n_layers:
+            raise UserError(f"drop_layers: keep count must be in 1..{n_layers}, got {drop}")
+        if drop == 1:
+            return [n_layers - 1]
+        return sorted({round(i * (n_layers - 1) / (drop - 1)) for i in range(drop)})
+    if isinstance(drop, list | tuple):
+        bad = [i for i in drop if not isinstance(i, int) or not 0 <= i < n_layers]
+        if bad:
+            raise UserError(f"drop_layers: indices must be in 0..{n_layers - 1}, got {bad}")
+        keep = [i for i in range(n_layers) if i not in set(drop)]
+        if not keep:
+            raise UserError("drop_layers: would drop every layer")
+        return keep
+    raise UserError(
+        f"drop_layers: expected 'every_other', a keep count, or a list of indices; got {drop!r}"
+    )
+
+
+def auto_layer_map(n_student: int, n_teacher: int) -> dict[int, int]:
+    """Spread student blocks evenly over teacher blocks (output of block i -> block j)."""
+    return {i: round((i + 1) * n_teacher / n_student) - 1 for i in range(n_student)}
+
+
+def layer_map_for(
+    spec_map: Any, n_student: int, n_teacher: int, kept: list[int] | None = None
+) -> dict[int, int]:
+    """The student->teacher hidden-state map: explicit dict, the kept-layer map, or "auto"."""
+    if isinstance(spec_map, dict) and spec_map:
+        out = {int(k): int(v) for k, v in spec_map.items()}
+    elif kept is not None and len(kept) == n_student:
+        out = dict(enumerate(kept))
+    else:
+        out = auto_layer_map(n_student, n_teacher)
+    bad = {s: t for s, t in out.items() if not (0 <= s < n_student and 0 <= t < n_teacher)}
+    if bad:
+        raise UserError(
+            f"kd.layer_map: pairs out of range (student<{n_student}, teacher<{n_teacher}): {bad}"
+        )
+    return out
+
+
+def make_dropped_student(teacher_dir: str | Path, out_dir: str | Path, drop: Any) -> list[int]:
+    """Write a model dir holding only the kept blocks of ``teacher_dir``; returns kept indices.
+
+    Works on the weight files directly (no model instantiation), so it is cheap and keeps any
+    quantization as is. Tokenizer and other side files are copied unchanged.
+    """
+    teacher_dir, out_dir = Path(teacher_dir), Path(out_dir)
+    config = json.loads((teacher_dir / "config.json").read_text())
+    n = int(config["num_hidden_layers"])
+    keep = kept_layers(n, drop)
+    new_index = {old: new for new, old in enumerate(keep)}
+    weights: dict[str, mx.array] = {}
+    for f in sorted(teacher_dir.glob("*.safetensors")):
+        for k, v in mx.load(str(f)).items():
+            m = _LAYER_KEY.match(k)
+            if m is None:
+                weights[k] = v
+            elif int(m.group(2)) in new_index:
+                weights[f"{m.group(1)}{new_index[int(m.group(2))]}{m.group(3)}"] = v
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for f in teacher_dir.iterdir():
+        if (
+            f.is_file()
+            and f.suffix != ".safetensors"
+            and f.name
+            not in (
+                "config.json",
+                "model.safetensors.index.json",
+            )
+        ):
+            shutil.copy2(f, out_dir / f.name)
+    config["num_hidden_layers"] = len(keep)
+    if isinstance(config.get("layer_types"), list):
+        config["layer_types"] = [config["layer_types"][i] for i in keep]
+    config["distiller_kept_layers"] = keep
+    mx.save_safetensors(str(out_dir / "model.safetensors"), weights, metadata={"format": "mlx"})
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return keep
+
+
+def _backbone(model: nn.Module) -> nn.Module:
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "embed_tokens") or not hasattr(inner, "layers"):
+        raise UserError(
+            f"hidden-state distillation needs a llama-style model (model.embed_tokens, "
+            f"model.layers); got {type(model).__name__}"
+        )
+    return inner
+
+
+def forward_with_hidden(
+    model: nn.Module, inputs: mx.array, layer_ids: list[int]
+) -> tuple[mx.array, list[mx.array]]:
+    """Logits plus the output hidden state of each block in ``layer_ids`` (same order).
+
+    Re-runs the llama-style forward (embed -> blocks -> norm -> head) by hand so intermediate
+    states are available without hooks; with no cache the mask is plain causal.
+    """
+    from mlx_lm.models.base import create_attention_mask
+
+    inner = _backbone(model)
+    h = inner.embed_tokens(inputs)
+    mask = create_attention_mask(h, None)
+    wanted = {i: None for i in layer_ids}
+    for i, layer in enumerate(inner.layers):
+        if getattr(layer, "use_sliding", False):
+            window = getattr(inner, "sliding_window", None)
+            h = layer(h, create_attention_mask(h, None, window_size=window), cache=None)
+        else:
+            h = layer(h, mask, cache=None)
+        if i in wanted:
+            wanted[i] = h
+    h = inner.norm(h)
+    logits = model.lm_head(h) if hasattr(model, "lm_head") else inner.embed_tokens.as_linear(h)
+    return logits, [wanted[i] for i in layer_ids]

@@ -1,0 +1,692 @@
+"""The training loop: one compiled step, checkpoints that survive SIGKILL, early stopping.
+
+Layout of ``out_dir`` (the adapter directory ``mlx_lm.load(base, adapter_path=out_dir)`` opens):
+  adapters.safetensors, adapter_config.json  best adapter so far (lowest validation loss)
+  metrics.csv, metrics.json                  one row per report step
+  train_result.json                          summary written when the run ends
+  checkpoint/state.json                      last checkpoint: step, RNG, early-stopping state
+  checkpoint/step-N.{weights,optimizer}.safetensors
+A checkpoint is valid only once state.json (written last, atomically) names its step, so a
+kill at any moment leaves either the previous or the new checkpoint, never a mix.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from distiller.errors import UserError
+from distiller.train import batches as B
+from distiller.train import lora as LR
+from distiller.train import losses as L
+from distiller.train import students as S
+
+ROUTES = ("sft", "seq-kd", "logit-kd", "dpo")
+PAIR_FILES = ("pairs_train.jsonl", "pairs_valid.jsonl")
+
+
+@dataclass
+class TrainConfig:
+    """Flat training settings (from the spec's student section, with efficient defaults)."""
+
+    route: str = "sft"
+    iters: int | None = None
+    epochs: float | None = None
+    batch_size: int = 4
+    learning_rate: float = 2e-4
+    schedule: str = "cosine"  # "cosine" (to 10% of peak) | "constant" | "linear" (to 0)
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float | None = 1.0  # max global gradient norm; None = off
+    max_seq_length: int = 512
+    steps_per_eval: int = 50
+    steps_per_report: int = 10
+    val_batches: int = 25
+    early_stopping_patience: int = 0  # evals without improvement before stopping; 0 = never
+    checkpoint_every: int = 50
+    seed: int = 0
+    grad_accumulation: int = 1
+    pad_to: int = 32
+    compile: bool = True
+    full_finetune: bool = False
+    # logit-kd
+    alpha: float = 0.5
+    beta: float = 0.5
+    gamma: float = 0.0
+    temperature: float = 2.0
+    divergence: str = "kl"
+    layer_map: Any = "auto"
+    # dpo
+    dpo_beta: float = 0.1
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: str
+    base_model: str
+    route: str
+    steps: int
+    total_steps: int
+    best_val_loss: float | None
+    best_step: int | None
+    final_train_loss: float | None
+    stopped_early: bool
+    resumed_from: int | None
+    metrics: list[dict] = field(default_factory=list, repr=False)
+
+
+def _get(obj: Any, name: str, default: Any = None) -> Any:
+    if obj is None:
+        return default
+    value = obj.get(name, default) if isinstance(obj, dict) else getattr(obj, name, default)
+    return default if value is None else value
+
+
+def config_from_spec(spec: Any) -> TrainConfig:
+    student = spec.student
+    t, kd, dpo = _get(student, "train"), _get(student, "kd"), _get(student, "dpo")
+    c = TrainConfig(route=_get(student, "route", "sft"))
+    for name in (
+        "iters",
+        "epochs",
+        "batch_size",
+        "learning_rate",
+        "schedule",
+        "warmup_steps",
+        "weight_decay",
+        "max_seq_length",
+        "steps_per_eval",
+        "steps_per_report",
+        "val_batches",
+        "early_stopping_patience",
+        "checkpoint_every",
+        "seed",
+        "grad_accumulation",
+    ):
+        setattr(c, name, _get(t, name, getattr(c, name)))
+    c.grad_clip = _get(t, "grad_clip", None)
+    c.full_finetune = bool(_get(student, "full_finetune", False))
+    for name in ("alpha", "beta", "gamma", "temperature", "divergence", "layer_map"):
+        setattr(c, name, _get(kd, name, getattr(c, name)))
+    c.dpo_beta = float(_get(dpo, "beta", c.dpo_beta))
+    if c.route not in ROUTES:
+        raise UserError(f"student.route must be one of {', '.join(ROUTES)}, got {c.route!r}")
+    return c
+
+
+# ---------------------------------------------------------------------------- models
+
+
+def load_model(name_or_path: str) -> tuple[nn.Module, Any]:
+    """distiller.models.load_model when present (names from the model cache), else mlx_lm.load."""
+    try:
+        from distiller.models import load_model as _load
+    except ImportError:
+        from mlx_lm import load as _load
+    try:
+        model, tokenizer = _load(str(name_or_path))
+    except (FileNotFoundError, OSError, ValueError) as exc:
+        raise UserError(f"cannot load model {name_or_path!r}: {exc}") from None
+    from distiller.device import compute_dtype
+
+    # CPU trains in float32 (BLAS); GPUs keep half precision. Quantized weights stay as they are.
+    model.set_dtype(compute_dtype(_float_dtype(model)))
+    return model, tokenizer
+
+
+def _float_dtype(model: nn.Module) -> mx.Dtype | None:
+    for _, v in tree_flatten(model.parameters()):
+        if mx.issubdtype(v.dtype, mx.floating):
+            return v.dtype
+    return None
+
+
+def model_path(name_or_path: str) -> str:
+    """A local directory for ``name_or_path`` (cache names resolved by distiller.models)."""
+    p = Path(name_or_path)
+    if p.is_dir():
+        return str(p)
+    try:
+        from distiller import models
+
+        for fn in ("model_path", "resolve_model", "resolve", "path"):
+            if hasattr(models, fn):
+                return str(getattr(models, fn)(name_or_path))
+    except ImportError:
+        pass
+    raise UserError(f"model {name_or_path!r} is not a local directory")
+
+
+def _vocab(tokenizer: Any) -> dict[str, int]:
+    tok = getattr(tokenizer, "_tokenizer", tokenizer)
+    return tok.get_vocab()
+
+
+def check_same_vocabulary(
+    student_tok: Any, teacher_tok: Any, student: nn.Module, teacher: nn.Module
+) -> None:
+    """Logit distillation compares distributions token by token: the vocabularies must match."""
+    sv, tv = _vocab(student_tok), _vocab(teacher_tok)
+    s_out = student.args.vocab_size if hasattr(student, "args") else None
+    t_out = teacher.args.vocab_size if hasattr(teacher, "args") else None
+    if len(sv) != len(tv) or s_out != t_out:
+        raise UserError(
+            f"logit-kd needs teacher and student to share a vocabulary: student has "
+            f"{len(sv)} tokens (head {s_out}), teacher {len(tv)} (head {t_out}); use seq-kd instead"
+        )
+    inv_t = {i: s for s, i in tv.items()}
+    ids = sorted(sv.values())
+    sample = ids[:: max(1, len(ids) // 64)] + ids[-8:]
+    inv_s = {i: s for s, i in sv.items()}
+    diff = [(i, inv_s.get(i), inv_t.get(i)) for i in sample if inv_s.get(i) != inv_t.get(i)]
+    if diff:
+        i, a, b = diff[0]
+        raise UserError(
+            f"logit-kd needs teacher and student to share a vocabulary: token id {i} is {a!r} "
+            f"for the student but {b!r} for the teacher ({len(diff)} of {len(sample)} sampled "
+            "ids differ); use seq-kd instead"
+        )
+
+
+# ---------------------------------------------------------------------------- losses
+
+
+def sft_loss(model: nn.Module, batch: dict[str, mx.array]) -> tuple[mx.array, mx.array]:
+    logits = model(batch["inputs"])
+    return L.masked_cross_entropy(logits, batch["targets"], batch["mask"])
+
+
+def make_kd_loss(teacher: nn.Module, cfg: TrainConfig, layer_map: dict[int, int]) -> Callable:
+    s_ids = sorted(layer_map)
+    t_ids = [layer_map[i] for i in s_ids]
+    use_hidden = bool(cfg.gamma) and bool(s_ids)
+
+    def kd_loss(model, batch):
+        inputs = batch["inputs"]
+        if use_hidden:
+            s_logits, s_hidden = S.forward_with_hidden(model, inputs, s_ids)
+            t_logits, t_hidden = S.forward_with_hidden(teacher, inputs, t_ids)
+            t_hidden = [mx.stop_gradient(h) for h in t_hidden]
+        else:
+            s_logits, s_hidden = model(inputs), []
+            t_logits, t_hidden = teacher(inputs), []
+        return L.logit_kd_loss(
+            s_logits,
+            mx.stop_gradient(t_logits),
+            batch["targets"],
+            batch["mask"],
+            alpha=cfg.alpha,
+            beta=cfg.beta,
+            gamma=cfg.gamma if use_hidden else 0.0,
+            temperature=cfg.temperature,
+            divergence=cfg.divergence,
+            student_hidden=s_hidden,
+            teacher_hidden=t_hidden,
+        )
+
+    return kd_loss
+
+
+def make_dpo_loss(beta: float) -> Callable:
+    def dpo(model, batch):
+        lp = L.sequence_logprobs(model(batch["inputs"]), batch["targets"], batch["mask"])
+        n = lp.shape[0] // 2
+        loss, _ = L.dpo_loss(lp[:n], lp[n:], batch["ref_chosen"], batch["ref_rejected"], beta)
+        return loss, batch["mask"].sum()
+
+    return dpo
+
+
+# ---------------------------------------------------------------------------- the step
+
+
+def _to_mx(batch: dict[str, Any]) -> dict[str, mx.array]:
+    # lengths only feed the tokens/s count; keeping them out of the step avoids recompiles.
+    return {k: mx.array(v) for k, v in batch.items() if k != "lengths"}
+
+
+def make_train_step(
+    model: nn.Module,
+    optimizer: optim.Optimizer,
+    loss_fn: Callable,
+    *,
+    compile: bool = True,
+    grad_accumulation: int = 1,
+    grad_clip: float | None = None,
+) -> Callable[..., mx.array]:
+    """``step(*microbatches) -> loss``: forward, backward and one optimizer update.
+
+    Gradients are taken only for the model's trainable parameters (LoRA matrices, or every
+    weight for full fine-tuning). With ``compile`` the whole update is one ``mx.compile``d
+    graph over (model, optimizer, RNG) state. Pass ``grad_accumulation`` micro-batches per call
+    to accumulate their mean gradient before the single update.
+    """
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
+    if not optimizer.state:
+        optimizer.init(model.trainable_parameters())
+
+    def clip(grads):
+        return optim.clip_grad_norm(grads, grad_clip)[0] if grad_clip else grads
+
+    def one(batch):
+        (loss, ntoks), grads = loss_and_grad(model, batch)
+        optimizer.update(model, clip(grads))
+        return loss, ntoks
+
+    def grad_only(batch):
+        (loss, ntoks), grads = loss_and_grad(model, batch)
+        return loss, ntoks, grads
+
+    def apply(grads):
+        optimizer.update(model, clip(grads))
+
+    state = [model.state, optimizer.state, mx.random.state]
+    if compile:
+        one = partial(mx.compile, inputs=state, outputs=state)(one)
+        grad_only = partial(mx.compile, inputs=state, outputs=state)(grad_only)
+
+    def step(*microbatches: dict[str, Any]) -> mx.array:
+        if len(microbatches) != grad_accumulation:
+            raise ValueError(f"expected {grad_accumulation} micro-batches, got {len(microbatches)}")
+        if grad_accumulation == 1:
+            loss, _ = one(_to_mx(microbatches[0]))
+            mx.eval(loss, state)
+            return loss
+        total, acc = mx.array(0.0), None
+        for b in microbatches:
+            loss, _, grads = grad_only(_to_mx(b))
+            acc = grads if acc is None else tree_map(mx.add, acc, grads)
+            total = total + loss
+            mx.eval(total, acc)
+        apply(tree_map(lambda g: g / grad_accumulation, acc))
+        loss = total / grad_accumulation
+        mx.eval(loss, state)
+        return loss
+
+    return step
+
+
+def evaluate(model: nn.Module, loss_fn: Callable, batches: list[dict], max_batches: int) -> float:
+    """Token-weighted mean loss over (up to ``max_batches``) validation batches."""
+    model.eval()
+    total, weight = 0.0, 0.0
+    for b in batches[: max_batches if max_batches > 0 else None]:
+        loss, ntoks = loss_fn(model, _to_mx(b))
+        mx.eval(loss, ntoks)
+        total += loss.item() * max(ntoks.item(), 1)
+        weight += max(ntoks.item(), 1)
+    model.train()
+    return total / weight if weight else float("nan")
+
+
+def build_schedule(cfg: TrainConfig, total_steps: int) -> Callable:
+    lr = float(cfg.learning_rate)
+    warm = max(0, min(int(cfg.warmup_steps), total_steps - 1))
+    rest = max(1, total_steps - warm)
+    if cfg.schedule == "constant":
+        main = lambda _: mx.array(lr)  # noqa: E731
+    elif cfg.schedule == "linear":
+        main = optim.linear_schedule(lr, 0.0, rest)
+    elif cfg.schedule == "cosine":
+        main = optim.cosine_decay(lr, rest, end=lr * 0.1)
+    else:
+        raise UserError(
+            f"student.train.schedule must be cosine, linear or constant, got {cfg.schedule!r}"
+        )
+    if not warm:
+        return main
+    return optim.join_schedules([optim.linear_schedule(lr / warm, lr, warm), main], [warm])
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+def _ckpt_dir(out_dir: Path) -> Path:
+    return out_dir / "checkpoint"
+
+
+def save_checkpoint(out_dir: Path, step: int, model, optimizer, extra: dict) -> None:
+    d = _ckpt_dir(out_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    LR.atomic_save_safetensors(d / f"step-{step}.weights.safetensors", LR.trainable_weights(model))
+    LR.atomic_save_safetensors(
+        d / f"step-{step}.optimizer.safetensors", dict(tree_flatten(optimizer.state))
+    )
+    rng = np.array(mx.random.state[0]).tolist()
+    state = {"step": step, "rng": rng, **extra}
+    LR.atomic_write_text(d / "state.json", json.dumps(state) + "\n")
+    # Older checkpoints are garbage only once state.json points at the new one.
+    for f in d.glob("step-*.safetensors"):
+        if not f.name.startswith(f"step-{step}."):
+            f.unlink(missing_ok=True)
+
+
+def load_checkpoint(out_dir: Path, model, optimizer) -> dict | None:
+    d = _ckpt_dir(out_dir)
+    if not (d / "state.json").exists():
+        return None
+    state = json.loads((d / "state.json").read_text())
+    step = state["step"]
+    model.load_weights(
+        list(mx.load(str(d / f"step-{step}.weights.safetensors")).items()), strict=False
+    )
+    opt_state = mx.load(str(d / f"step-{step}.optimizer.safetensors"))
+    optimizer.state = tree_unflatten(list(opt_state.items()))
+    mx.random.state[0] = mx.array(np.array(state["rng"], dtype=np.uint32))
+    mx.eval(model.parameters(), optimizer.state)
+    return state
+
+
+def write_metrics(out_dir: Path, rows: list[dict]) -> None:
+    LR.atomic_write_text(out_dir / "metrics.json", json.dumps(rows, indent=1) + "\n")
+    cols = ["step", "train_loss", "val_loss", "lr", "tokens_per_s", "peak_memory_gb", "elapsed_s"]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    LR.atomic_write_text(out_dir / "metrics.csv", buf.getvalue())
+
+
+class _StopFlag:
+    """First Ctrl-C asks the loop to checkpoint and stop; a second one interrupts at once."""
+
+    def __init__(self):
+        self.set = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: no handler, plain KeyboardInterrupt
+            self._old = None
+        return self
+
+    def _handle(self, *_):
+        self.set = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __exit__(self, *_):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+# ---------------------------------------------------------------------------- train
+
+
+def _prepare_student(spec: Any, cfg: TrainConfig, out_dir: Path) -> tuple[str, list[int] | None]:
+    """The base model to train: the spec's student, or layers dropped from the teacher."""
+    drop = _get(spec.student, "drop_layers", None)
+    if not drop:
+        return str(spec.student.model), None
+    student_dir = out_dir / "student_base"
+    if (student_dir / "config.json").exists():
+        kept = json.loads((student_dir / "config.json").read_text())["distiller_kept_layers"]
+        return str(student_dir), kept
+    kept = S.make_dropped_student(model_path(spec.teacher.model), student_dir, drop)
+    return str(student_dir), kept
+
+
+def _reference_logprobs(model, pairs, cfg) -> tuple[np.ndarray, np.ndarray]:
+    """Sequence log-probs of chosen/rejected under the frozen reference (the untrained model)."""
+    model.eval()
+    ch, rj = np.zeros(len(pairs), np.float32), np.zeros(len(pairs), np.float32)
+    for i in range(0, len(pairs), cfg.batch_size):
+        b = _to_mx(B.collate_pairs(pairs[i : i + cfg.batch_size], cfg.pad_to))
+        lp = L.sequence_logprobs(model(b["inputs"]), b["targets"], b["mask"])
+        n = lp.shape[0] // 2
+        ch[i : i + n], rj[i : i + n] = np.array(lp[:n]), np.array(lp[n:])
+    model.train()
+    return ch, rj
+
+
+def train(
+    spec: Any,
+    dataset_dir: str | Path,
+    out_dir: str | Path,
+    resume: bool = True,
+    *,
+    progress: bool = True,
+    config: TrainConfig | None = None,
+) -> TrainResult:
+    """Train the spec's student on ``dataset_dir`` (from ``prepare``) into ``out_dir``."""
+    cfg = config or config_from_spec(spec)
+    dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mx.random.seed(cfg.seed)
+
+    base, kept = _prepare_student(spec, cfg, out_dir)
+    model, tokenizer = load_model(base)
+
+    # ---- data
+    if cfg.route == "dpo":
+        files = [dataset_dir / f for f in PAIR_FILES]
+        if not files[0].exists():
+            raise UserError(
+                f"{files[0]}: no preference pairs (run `distiller prepare` with route dpo)"
+            )
+        train_pairs = B.load_pair_examples(files[0], tokenizer, cfg.max_seq_length)
+        valid_pairs = (
+            B.load_pair_examples(files[1], tokenizer, cfg.max_seq_length)
+            if files[1].exists()
+            else []
+        )
+        lengths = [max(len(a.tokens), len(b.tokens)) for a, b in train_pairs]
+        n_train = len(train_pairs)
+    else:
+        train_file, valid_file = dataset_dir / "train.jsonl", dataset_dir / "valid.jsonl"
+        if not train_file.exists():
+            raise UserError(f"{train_file}: not found (run `distiller prepare` first)")
+        train_ex = B.load_chat_examples(train_file, tokenizer, cfg.max_seq_length)
+        valid_ex = (
+            B.load_chat_examples(valid_file, tokenizer, cfg.max_seq_length)
+            if valid_file.exists()
+            else []
+        )
+        lengths = [len(e.tokens) for e in train_ex]
+        n_train = len(train_ex)
+    if n_train == 0:
+        raise UserError(f"{dataset_dir}: the training split is empty")
+    groups = B.make_batches(lengths, cfg.batch_size)
+    accum = max(1, int(cfg.grad_accumulation))
+    if cfg.iters:
+        total_steps = int(cfg.iters)
+    else:
+        total_steps = max(1, math.ceil(float(cfg.epochs or 1) * len(groups) / accum))
+
+    # ---- model + adapter
+    adapter_cfg = LR.adapter_config(model, _get(spec.student, "lora"), cfg.full_finetune, base)
+    LR.prepare_trainable(model, adapter_cfg)
+    model.train()
+
+    if cfg.route == "logit-kd":
+        teacher, teacher_tok = load_model(spec.teacher.model)
+        teacher.freeze()
+        teacher.eval()
+        check_same_vocabulary(tokenizer, teacher_tok, model, teacher)
+        n_s, n_t = len(model.layers), len(teacher.layers)
+        lmap = S.layer_map_for(cfg.layer_map, n_s, n_t, kept) if cfg.gamma else {}
+        loss_fn = make_kd_loss(teacher, cfg, lmap)
+    elif cfg.route == "dpo":
+        loss_fn = make_dpo_loss(cfg.dpo_beta)
+    else:
+        loss_fn = sft_loss
+
+    def make_batch(idx: list[int], data, ref=None) -> dict:
+        if cfg.route != "dpo":
+            return B.collate([data[i] for i in idx], cfg.pad_to)
+        b = B.collate_pairs([data[i] for i in idx], cfg.pad_to)
+        b["ref_chosen"], b["ref_rejected"] = ref[0][idx], ref[1][idx]
+        return b
+
+    # The reference for DPO is the model before any update: LoRA starts as an exact no-op.
+    if cfg.route == "dpo":
+        ref_train = _reference_logprobs(model, train_pairs, cfg)
+        ref_valid = _reference_logprobs(model, valid_pairs, cfg) if valid_pairs else None
+        train_data, valid_data = train_pairs, valid_pairs
+    else:
+        ref_train = ref_valid = None
+        train_data, valid_data = train_ex, valid_ex
+    valid_lengths = [
+        len(e[0].tokens) if isinstance(e, tuple) else len(e.tokens) for e in valid_data
+    ]
+    val_batches = [
+        make_batch(g, valid_data, ref_valid) for g in B.make_batches(valid_lengths, cfg.batch_size)
+    ]
+
+    optimizer = optim.AdamW(
+        learning_rate=build_schedule(cfg, total_steps), weight_decay=cfg.weight_decay
+    )
+    optimizer.init(model.trainable_parameters())
+
+    # ---- resume
+    step, rows, best, best_step, bad_evals, stopped, resumed_from = (
+        0,
+        [],
+        None,
+        None,
+        0,
+        False,
+        None,
+    )
+    state = load_checkpoint(out_dir, model, optimizer) if resume else None
+    if state is not None:
+        step, resumed_from = state["step"], state["step"]
+        best, best_step = state.get("best_val"), state.get("best_step")
+        bad_evals, stopped = state.get("bad_evals", 0), state.get("stopped", False)
+        rows = [r for r in state.get("metrics", []) if r["step"] <= step]
+    elif not resume and _ckpt_dir(out_dir).exists():
+        for f in _ckpt_dir(out_dir).iterdir():
+            f.unlink()
+
+    step_fn = make_train_step(
+        model,
+        optimizer,
+        loss_fn,
+        compile=cfg.compile,
+        grad_accumulation=accum,
+        grad_clip=cfg.grad_clip,
+    )
+
+    def checkpoint_extra():
+        return {
+            "best_val": best,
+            "best_step": best_step,
+            "bad_evals": bad_evals,
+            "stopped": stopped,
+            "metrics": rows,
+            "total_steps": total_steps,
+        }
+
+    from tqdm import tqdm
+
+    bar = tqdm(
+        total=total_steps,
+        initial=step,
+        desc=f"train {cfg.route}",
+        unit="step",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    window_loss, window_steps, window_toks, window_time = 0.0, 0, 0, 0.0
+    t_start = time.perf_counter()
+    last_loss = None
+    with _StopFlag() as flag:
+        try:
+            while step < total_steps and not stopped:
+                micro = [
+                    make_batch(
+                        B.batch_for_step(groups, step * accum + j, cfg.seed), train_data, ref_train
+                    )
+                    for j in range(accum)
+                ]
+                tic = time.perf_counter()
+                loss = step_fn(*micro)
+                window_time += time.perf_counter() - tic
+                step += 1
+                last_loss = loss.item()
+                window_loss += last_loss
+                window_steps += 1
+                window_toks += sum(B.token_count(b) for b in micro)
+                do_eval = bool(val_batches) and (
+                    step % cfg.steps_per_eval == 0 or step == total_steps
+                )
+                if do_eval or step % cfg.steps_per_report == 0 or step == total_steps:
+                    row = {
+                        "step": step,
+                        "train_loss": window_loss / window_steps,
+                        "val_loss": None,
+                        "lr": float(optimizer.learning_rate.item()),
+                        "tokens_per_s": window_toks / max(window_time, 1e-9),
+                        "peak_memory_gb": mx.get_peak_memory() / 1e9,
+                        "elapsed_s": time.perf_counter() - t_start,
+                    }
+                    if do_eval:
+                        val = evaluate(model, loss_fn, val_batches, cfg.val_batches)
+                        row["val_loss"] = val
+                        if best is None or val < best:
+                            best, best_step, bad_evals = val, step, 0
+                            LR.save_adapter(out_dir, model, adapter_cfg)
+                        else:
+                            bad_evals += 1
+                            if (
+                                cfg.early_stopping_patience
+                                and bad_evals >= cfg.early_stopping_patience
+                            ):
+                                stopped = True
+                    rows.append(row)
+                    write_metrics(out_dir, rows)
+                    bar.set_postfix(
+                        loss=f"{row['train_loss']:.3f}",
+                        tok_s=f"{row['tokens_per_s']:.0f}",
+                        **({"val": f"{row['val_loss']:.3f}"} if do_eval else {}),
+                    )
+                    window_loss, window_steps, window_toks, window_time = 0.0, 0, 0, 0.0
+                bar.update(1)
+                if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or stopped):
+                    save_checkpoint(out_dir, step, model, optimizer, checkpoint_extra())
+                if flag.set:
+                    save_checkpoint(out_dir, step, model, optimizer, checkpoint_extra())
+                    raise KeyboardInterrupt
+        finally:
+            bar.close()
+
+    save_checkpoint(out_dir, step, model, optimizer, checkpoint_extra())
+    if best is None:  # no validation data: the last weights are the result
+        LR.save_adapter(out_dir, model, adapter_cfg)
+    write_metrics(out_dir, rows)
+    result = TrainResult(
+        adapter_dir=str(out_dir),
+        base_model=base,
+        route=cfg.route,
+        steps=step,
+        total_steps=total_steps,
+        best_val_loss=best,
+        best_step=best_step,
+        final_train_loss=last_loss
+        if last_loss is not None
+        else (rows[-1]["train_loss"] if rows else None),
+        stopped_early=stopped,
+        resumed_from=resumed_from,
+        metrics=rows,
+    )
+    summary = {k: v for k, v in asdict(result).items() if k != "metrics"}
+    summary["config"] = asdict(cfg)
+    LR.atomic_write_text(
+        out_dir / "train_result.json", json.dumps(summary, indent=2, default=str) + "\n"
+    )
+    return result
