@@ -1,0 +1,423 @@
+"""Metrics: rates with confidence intervals, regression tests, and task metrics.
+
+Everything here is pure Python/numpy and fast; the eval stage and the pytest gate call it.
+
+Rates and intervals
+    ``wilson_interval(k, n)`` is the Wilson score interval: unlike the normal ("Wald")
+    interval it stays inside [0, 1] and keeps its coverage at small n and at rates near 0 or 1,
+    which is exactly where eval sets of 20-50 prompts live.
+
+Regression against a baseline
+    ``regression_test(k_base, n_base, k_new, n_new, alpha)`` asks: is the new rate lower than
+    the baseline rate by more than the two sample sizes can explain? Both rates are noisy
+    measurements, so we bound their DIFFERENCE with Newcombe's hybrid score interval (method
+    10 of Newcombe 1998, built from the two Wilson intervals) at one-sided level ``alpha``.
+    A regression is flagged when the lower bound of (baseline - new) exceeds ``margin``
+    (default 0): the drop is significant. Properties (property-tested in tests/test_metrics.py):
+    equal rates are never flagged; the verdict only gets "more flagged" as baseline successes
+    rise or new successes fall; large drops are flagged once n is adequate.
+
+Thresholds
+    A spec threshold (``format_rate: 0.9``) is a product requirement, not a measurement, so
+    ``meets_threshold`` compares the point estimate; the interval is reported alongside so a
+    reader can see how firm the figure is.
+
+Task metrics
+    accuracy, macro-F1, per-class report and confusion matrix (classification); exact match and
+    token F1 with SQuAD-style normalisation (extractive answers); JSON validity against a schema
+    and per-field accuracy against reference objects (extraction).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import string
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from statistics import NormalDist
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "Rate",
+    "Regression",
+    "accuracy",
+    "classification_report",
+    "confusion_matrix",
+    "exact_match",
+    "field_accuracy",
+    "format_compliance",
+    "json_validity",
+    "macro_f1",
+    "meets_threshold",
+    "newcombe_interval",
+    "normalize_answer",
+    "rate",
+    "regression_test",
+    "token_f1",
+    "wilson_interval",
+    "z_value",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Rates and intervals
+
+
+def z_value(alpha: float, two_sided: bool = True) -> float:
+    """Standard normal quantile for a test at level ``alpha`` (1.96 for 0.05 two-sided)."""
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    return NormalDist().inv_cdf(1 - (alpha / 2 if two_sided else alpha))
+
+
+def _check_counts(k: int, n: int) -> None:
+    if n < 0 or k < 0 or k > n:
+        raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
+
+
+def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson score interval for k successes in n trials (default: 95% two-sided).
+
+    With n == 0 nothing is known: (0, 1).
+    """
+    _check_counts(k, n)
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    z2 = z * z
+    denom = 1 + z2 / n
+    centre = (p + z2 / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
+    # The closed form is exact at k == 0 / k == n; clamp away float dust.
+    lo = 0.0 if k == 0 else max(0.0, centre - half)
+    hi = 1.0 if k == n else min(1.0, centre + half)
+    return lo, hi
+
+
+@dataclass(frozen=True)
+class Rate:
+    """k of n, with its Wilson interval at ``confidence``."""
+
+    k: int
+    n: int
+    lo: float
+    hi: float
+    confidence: float = 0.95
+
+    @property
+    def value(self) -> float:
+        return self.k / self.n if self.n else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["value"] = None if self.n == 0 else self.value
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Rate:
+        return rate(int(d["k"]), int(d["n"]), float(d.get("confidence", 0.95)))
+
+    def __str__(self) -> str:
+        if self.n == 0:
+            return "n/a (n=0)"
+        return f"{self.value:.3f} [{self.lo:.3f}, {self.hi:.3f}] ({self.k}/{self.n})"
+
+
+def rate(k: int, n: int, confidence: float = 0.95) -> Rate:
+    lo, hi = wilson_interval(k, n, z_value(1 - confidence))
+    return Rate(k, n, lo, hi, confidence)
+
+
+def meets_threshold(r: Rate, threshold: float) -> bool:
+    """Point estimate >= threshold (see the module docstring for why not the interval)."""
+    return r.n > 0 and r.value >= threshold - 1e-12
+
+
+def newcombe_interval(
+    k1: int, n1: int, k2: int, n2: int, z: float = 1.959963984540054
+) -> tuple[float, float]:
+    """Newcombe's hybrid score interval for p1 - p2 (from the two Wilson intervals)."""
+    _check_counts(k1, n1)
+    _check_counts(k2, n2)
+    p1 = k1 / n1 if n1 else 0.5
+    p2 = k2 / n2 if n2 else 0.5
+    l1, u1 = wilson_interval(k1, n1, z)
+    l2, u2 = wilson_interval(k2, n2, z)
+    d = p1 - p2
+    lower = d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2)
+    upper = d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
+    return max(-1.0, lower), min(1.0, upper)
+
+
+@dataclass(frozen=True)
+class Regression:
+    """Outcome of ``regression_test``: ``drop`` bounds baseline - new at one-sided ``alpha``."""
+
+    regressed: bool
+    baseline: Rate
+    new: Rate
+    drop_lower: float  # lower confidence bound of (baseline rate - new rate)
+    drop_upper: float
+    alpha: float
+    margin: float
+
+    def explain(self) -> str:
+        verdict = "significant drop" if self.regressed else "no significant drop"
+        return (
+            f"{verdict}: new {self.new} vs baseline {self.baseline}; baseline - new in "
+            f"[{self.drop_lower:+.3f}, {self.drop_upper:+.3f}] "
+            f"(Newcombe, one-sided alpha={self.alpha:g}, margin={self.margin:g})"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "regressed": self.regressed,
+            "baseline": self.baseline.to_dict(),
+            "new": self.new.to_dict(),
+            "drop_lower": self.drop_lower,
+            "drop_upper": self.drop_upper,
+            "alpha": self.alpha,
+            "margin": self.margin,
+        }
+
+
+def regression_test(
+    k_base: int, n_base: int, k_new: int, n_new: int, alpha: float = 0.05, margin: float = 0.0
+) -> Regression:
+    """Is the new rate lower than the baseline's by more than sampling noise explains?
+
+    Flags when the one-sided (1 - alpha) lower bound of (p_base - p_new) exceeds ``margin``.
+    An empty side (n == 0) carries no evidence and never flags.
+    """
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+    z = z_value(alpha, two_sided=False)
+    lower, upper = newcombe_interval(k_base, n_base, k_new, n_new, z)
+    conf = 1 - alpha
+    regressed = n_base > 0 and n_new > 0 and lower > margin
+    return Regression(
+        regressed, rate(k_base, n_base, conf), rate(k_new, n_new, conf), lower, upper, alpha, margin
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Format compliance
+
+
+def format_compliance(verdicts: Sequence[Any], confidence: float = 0.95) -> dict[str, Any]:
+    """Overall pass rate and per-section rates of validator verdicts, plus failure counts.
+
+    ``verdicts`` are ``distiller.validators.Verdict`` objects or their ``to_dict()`` forms.
+    Returns ``{"overall": Rate, "sections": {header: Rate}, "failed_checks": {name: count}}``;
+    a section absent from a verdict counts as not satisfied.
+    """
+
+    def get(v: Any, name: str) -> Any:
+        return v[name] if isinstance(v, dict) else getattr(v, name)
+
+    n = len(verdicts)
+    passed = sum(bool(get(v, "passed")) for v in verdicts)
+    headers: list[str] = []
+    for v in verdicts:
+        for h in get(v, "sections") or {}:
+            if h not in headers:
+                headers.append(h)
+    sections = {
+        h: rate(sum(bool((get(v, "sections") or {}).get(h)) for v in verdicts), n, confidence)
+        for h in headers
+    }
+    failed: Counter[str] = Counter()
+    for v in verdicts:
+        for c in get(v, "checks") or ():
+            ok = c["passed"] if isinstance(c, dict) else c.passed
+            if not ok:
+                failed[c["name"] if isinstance(c, dict) else c.name] += 1
+    return {
+        "overall": rate(passed, n, confidence),
+        "sections": sections,
+        "failed_checks": dict(failed.most_common()),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Classification
+
+
+def accuracy(predictions: Sequence[Any], references: Sequence[Any]) -> float:
+    _same_length(predictions, references)
+    if not references:
+        return float("nan")
+    return sum(p == r for p, r in zip(predictions, references, strict=True)) / len(references)
+
+
+def _same_length(a: Sequence, b: Sequence) -> None:
+    if len(a) != len(b):
+        raise ValueError(f"{len(a)} predictions for {len(b)} references")
+
+
+def confusion_matrix(
+    predictions: Sequence[Any], references: Sequence[Any], labels: Sequence[Any]
+) -> np.ndarray:
+    """``m[i, j]`` = count of reference ``labels[i]`` predicted as ``labels[j]``.
+
+    Predictions outside ``labels`` (unparseable outputs, None) fall in no column, so a row can
+    sum to less than its support: they are errors that no class "received".
+    """
+    _same_length(predictions, references)
+    index = {label: i for i, label in enumerate(labels)}
+    m = np.zeros((len(labels), len(labels)), dtype=np.int64)
+    for p, r in zip(predictions, references, strict=True):
+        if r not in index:
+            raise ValueError(f"reference label {r!r} is not one of {list(labels)}")
+        if p in index:
+            m[index[r], index[p]] += 1
+    return m
+
+
+def classification_report(
+    predictions: Sequence[Any], references: Sequence[Any], labels: Sequence[Any]
+) -> dict[str, dict[str, float]]:
+    """Per-class precision, recall, F1 and support (0 where undefined), plus ``macro``."""
+    m = confusion_matrix(predictions, references, labels)
+    support = np.array([sum(r == label for r in references) for label in labels], dtype=float)
+    predicted = np.array([sum(p == label for p in predictions) for label in labels], dtype=float)
+    tp = np.diag(m).astype(float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(predicted > 0, tp / predicted, 0.0)
+        recall = np.where(support > 0, tp / support, 0.0)
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    report = {
+        str(label): {
+            "precision": float(precision[i]),
+            "recall": float(recall[i]),
+            "f1": float(f1[i]),
+            "support": int(support[i]),
+        }
+        for i, label in enumerate(labels)
+    }
+    report["macro"] = {
+        "precision": float(precision.mean()) if len(labels) else float("nan"),
+        "recall": float(recall.mean()) if len(labels) else float("nan"),
+        "f1": float(f1.mean()) if len(labels) else float("nan"),
+        "support": int(support.sum()),
+    }
+    return report
+
+
+def macro_f1(predictions: Sequence[Any], references: Sequence[Any], labels: Sequence[Any]) -> float:
+    """Unweighted mean of per-class F1 over ``labels`` (a class never seen nor predicted: 0)."""
+    return classification_report(predictions, references, labels)["macro"]["f1"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Extractive answers (SQuAD-style)
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = str.maketrans("", "", string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """Lowercase, drop punctuation and the articles a/an/the, collapse whitespace."""
+    text = text.lower().translate(_PUNCT)
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def exact_match(prediction: str, reference: str | Iterable[str]) -> float:
+    """1.0 if the normalised prediction equals the (any) normalised reference."""
+    refs = [reference] if isinstance(reference, str) else list(reference)
+    pred = normalize_answer(prediction)
+    return float(any(pred == normalize_answer(r) for r in refs))
+
+
+def token_f1(prediction: str, reference: str | Iterable[str]) -> float:
+    """Bag-of-tokens F1 between normalised texts; the best over several references."""
+    refs = [reference] if isinstance(reference, str) else list(reference)
+    pred = normalize_answer(prediction).split()
+    best = 0.0
+    for r in refs:
+        ref = normalize_answer(r).split()
+        if not pred or not ref:
+            best = max(best, float(pred == ref))
+            continue
+        common = sum((Counter(pred) & Counter(ref)).values())
+        if common:
+            p, rc = common / len(pred), common / len(ref)
+            best = max(best, 2 * p * rc / (p + rc))
+    return best
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON extraction
+
+
+def _parse_json(text: str) -> tuple[bool, Any]:
+    from distiller.validators import extract_json
+
+    try:
+        return True, extract_json(text)
+    except ValueError:
+        return False, None
+
+
+def json_validity(
+    texts: Sequence[str], schema: dict | None = None, confidence: float = 0.95
+) -> Rate:
+    """Rate of texts that parse as JSON (a lone fenced block counts) and, if given, match ``schema``."""
+    validator = None
+    if schema is not None:
+        import jsonschema
+
+        cls = jsonschema.validators.validator_for(schema)
+        cls.check_schema(schema)
+        validator = cls(schema)
+    ok = 0
+    for t in texts:
+        parsed, value = _parse_json(t)
+        if parsed and (validator is None or validator.is_valid(value)):
+            ok += 1
+    return rate(ok, len(texts), confidence)
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    # 12.5 and 12.50 and "12.5" are the same extraction; strings compare trimmed, case-folded.
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-9)
+    if isinstance(a, str) and isinstance(b, str):
+        return a.strip().casefold() == b.strip().casefold()
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def field_accuracy(texts: Sequence[str], references: Sequence[dict]) -> dict[str, Any]:
+    """Per-field and overall accuracy of extracted JSON objects against reference objects.
+
+    A text that does not parse to an object scores 0 on every reference field. Returns
+    ``{"overall": float, "fields": {key: float}, "exact": float}`` (``exact``: every field right).
+    """
+    _same_length(texts, references)
+    right: Counter[str] = Counter()
+    total: Counter[str] = Counter()
+    exact = 0
+    for text, ref in zip(texts, references, strict=True):
+        parsed, value = _parse_json(text)
+        obj = value if parsed and isinstance(value, dict) else {}
+        all_ok = True
+        for key, want in ref.items():
+            total[key] += 1
+            if key in obj and _same_value(obj[key], want):
+                right[key] += 1
+            else:
+                all_ok = False
+        exact += all_ok
+    fields = {k: right[k] / total[k] for k in total}
+    n_fields = sum(total.values())
+    return {
+        "overall": sum(right.values()) / n_fields if n_fields else float("nan"),
+        "fields": fields,
+        "exact": exact / len(references) if references else float("nan"),
+    }

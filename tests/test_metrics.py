@@ -1,0 +1,247 @@
+"""Metrics: Wilson/Newcombe intervals, the regression test, format compliance, task metrics."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from distiller import metrics as M
+from distiller.validators import build_validator
+
+
+@st.composite
+def counts(draw, max_n: int = 500):
+    n = draw(st.integers(0, max_n))
+    k = draw(st.integers(0, n))
+    return k, n
+
+
+# -- Wilson ------------------------------------------------------------------------------------
+
+
+def test_wilson_known_values():
+    # Reference values (Newcombe 1998, table I / standard calculators).
+    lo, hi = M.wilson_interval(8, 10)
+    assert lo == pytest.approx(0.4902, abs=1e-4) and hi == pytest.approx(0.9433, abs=1e-4)
+    lo, hi = M.wilson_interval(0, 10)
+    assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-4)
+    lo, hi = M.wilson_interval(81, 263)
+    assert lo == pytest.approx(0.2553, abs=1e-4) and hi == pytest.approx(0.3662, abs=1e-4)
+    assert M.wilson_interval(0, 0) == (0.0, 1.0)
+
+
+@given(counts())
+def test_wilson_contains_estimate_and_stays_in_unit_interval(kn):
+    k, n = kn
+    lo, hi = M.wilson_interval(k, n)
+    assert 0.0 <= lo <= hi <= 1.0
+    if n:
+        assert lo <= k / n + 1e-12 and k / n <= hi + 1e-12
+
+
+@given(st.integers(1, 400), st.data())
+def test_wilson_monotone_in_successes(n, data):
+    k = data.draw(st.integers(0, n - 1))
+    lo1, hi1 = M.wilson_interval(k, n)
+    lo2, hi2 = M.wilson_interval(k + 1, n)
+    assert lo2 >= lo1 - 1e-12 and hi2 >= hi1 - 1e-12
+
+
+@given(st.integers(1, 200), st.floats(0, 1))
+def test_wilson_narrows_with_more_data(n, p):
+    k = round(p * n)
+    lo1, hi1 = M.wilson_interval(k, n)
+    lo2, hi2 = M.wilson_interval(4 * k, 4 * n)
+    assert hi2 - lo2 < hi1 - lo1
+
+
+def test_rate_roundtrip_and_str():
+    r = M.rate(9, 10)
+    assert r.value == 0.9 and M.Rate.from_dict(r.to_dict()) == r
+    assert "9/10" in str(r)
+    assert math.isnan(M.rate(0, 0).value) and M.rate(0, 0).to_dict()["value"] is None
+    with pytest.raises(ValueError):
+        M.rate(3, 2)
+
+
+def test_meets_threshold_uses_point_estimate():
+    assert M.meets_threshold(M.rate(9, 10), 0.9)
+    assert not M.meets_threshold(M.rate(8, 10), 0.9)
+    assert not M.meets_threshold(M.rate(0, 0), 0.0)
+
+
+# -- regression test ---------------------------------------------------------------------------
+
+
+@given(counts(), st.floats(0.001, 0.5))
+def test_regression_never_flags_equal_rates(kn, alpha):
+    k, n = kn
+    assert not M.regression_test(k, n, k, n, alpha).regressed
+    # The same rate measured on a different sample size is not a drop either.
+    assert not M.regression_test(2 * k, 2 * n, k, n, alpha).regressed
+    assert not M.regression_test(k, n, 3 * k, 3 * n, alpha).regressed
+
+
+@given(counts(200), counts(200), st.data())
+@settings(max_examples=300)
+def test_regression_monotone_in_counts(base, new, data):
+    (kb, nb), (kn, nn) = base, new
+    drop = M.regression_test(kb, nb, kn, nn).drop_lower
+    if kn < nn:  # one more new success can only weaken the evidence of a drop
+        assert M.regression_test(kb, nb, kn + 1, nn).drop_lower <= drop + 1e-12
+    if kb < nb:  # one more baseline success can only strengthen it
+        assert M.regression_test(kb + 1, nb, kn, nn).drop_lower >= drop - 1e-12
+    if M.regression_test(kb, nb, kn, nn).regressed and kn > 0:
+        assert M.regression_test(kb, nb, kn - 1, nn).regressed
+
+
+@given(st.integers(50, 1000), st.floats(0.3, 1.0), st.floats(0.3, 1.0))
+def test_regression_flags_large_drops_at_adequate_n(n, p_base, drop):
+    assume(p_base - drop >= 0)
+    kb = round(p_base * n)
+    kn = round((p_base - drop) * n)
+    assume(kb - kn >= 0.3 * n)
+    r = M.regression_test(kb, n, kn, n, alpha=0.05)
+    assert r.regressed, r.explain()
+
+
+def test_regression_small_samples_are_not_enough():
+    # 9/10 -> 7/10 is plausible noise; 90/100 -> 70/100 is not.
+    assert not M.regression_test(9, 10, 7, 10).regressed
+    assert M.regression_test(90, 100, 70, 100).regressed
+    r = M.regression_test(90, 100, 70, 100)
+    assert "significant drop" in r.explain() and r.to_dict()["regressed"] is True
+
+
+def test_regression_margin_and_empty_sides():
+    assert not M.regression_test(90, 100, 70, 100, margin=0.2).regressed
+    assert not M.regression_test(0, 0, 0, 10).regressed
+    assert not M.regression_test(10, 10, 0, 0).regressed
+    with pytest.raises(ValueError):
+        M.regression_test(1, 2, 1, 2, margin=-0.1)
+    with pytest.raises(ValueError):
+        M.regression_test(1, 2, 1, 2, alpha=0)
+
+
+def test_regression_alpha_orders_verdicts():
+    # A stricter test (smaller alpha) flags a subset of what a looser one flags.
+    for kb, nb, kn, nn in [(18, 20, 12, 20), (40, 50, 30, 50), (9, 10, 4, 10)]:
+        strict = M.regression_test(kb, nb, kn, nn, alpha=0.01).regressed
+        loose = M.regression_test(kb, nb, kn, nn, alpha=0.2).regressed
+        assert loose or not strict
+
+
+# -- format compliance -------------------------------------------------------------------------
+
+
+def test_format_compliance_overall_and_sections():
+    v = build_validator([{"type": "sections", "headers": ["A", "B"]}])
+    texts = ["A: one\nB: two", "A: one", "nothing", "B: two\nA: one"]
+    fc = M.format_compliance([v(t) for t in texts])
+    assert (fc["overall"].k, fc["overall"].n) == (1, 4)
+    assert set(fc["sections"]) == {"A", "B"}
+    assert fc["sections"]["A"].k >= fc["overall"].k
+    assert sum(fc["failed_checks"].values()) > 0
+    # Works on serialized verdicts too, with the same answer.
+    fc2 = M.format_compliance([v(t).to_dict() for t in texts])
+    assert fc2["overall"] == fc["overall"] and fc2["sections"] == fc["sections"]
+    assert M.format_compliance([])["overall"].n == 0
+
+
+# -- classification ----------------------------------------------------------------------------
+
+LABELS = ["critical", "major", "minor"]
+
+
+def test_classification_metrics_by_hand():
+    refs = ["critical", "critical", "major", "minor", "minor", "minor"]
+    preds = ["critical", "major", "major", "minor", None, "critical"]
+    assert M.accuracy(preds, refs) == pytest.approx(3 / 6)
+    m = M.confusion_matrix(preds, refs, LABELS)
+    assert m.tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 1]]
+    rep = M.classification_report(preds, refs, LABELS)
+    assert rep["critical"]["precision"] == pytest.approx(0.5)
+    assert rep["critical"]["recall"] == pytest.approx(0.5)
+    assert rep["major"]["precision"] == pytest.approx(0.5) and rep["major"]["recall"] == 1.0
+    assert rep["minor"]["precision"] == 1.0 and rep["minor"]["recall"] == pytest.approx(1 / 3)
+    f1s = [0.5, 2 / 3, 0.5]
+    assert M.macro_f1(preds, refs, LABELS) == pytest.approx(sum(f1s) / 3)
+    assert rep["macro"]["support"] == 6
+
+
+@given(st.lists(st.tuples(st.sampled_from(LABELS), st.sampled_from([*LABELS, None])), max_size=60))
+def test_classification_properties(pairs):
+    refs = [r for r, _ in pairs]
+    preds = [p for _, p in pairs]
+    m = M.confusion_matrix(preds, refs, LABELS)
+    assert m.sum() == sum(p is not None for p in preds)
+    assert np.all(m.sum(axis=1) <= [refs.count(label) for label in LABELS])
+    if refs:
+        assert M.accuracy(preds, refs) == pytest.approx(np.trace(m) / len(refs))
+        f1 = M.macro_f1(preds, refs, LABELS)
+        assert 0.0 <= f1 <= 1.0
+        assert M.macro_f1(refs, refs, LABELS) == pytest.approx(
+            sum(label in refs for label in LABELS) / 3
+        )
+
+
+def test_classification_rejects_bad_input():
+    with pytest.raises(ValueError):
+        M.accuracy(["a"], ["a", "b"])
+    with pytest.raises(ValueError):
+        M.confusion_matrix(["a"], ["zzz"], LABELS)
+
+
+# -- extractive answers ------------------------------------------------------------------------
+
+
+def test_squad_normalisation_and_scores():
+    assert M.normalize_answer("The  Quorum, of course!") == "quorum of course"
+    assert M.exact_match("the Raft protocol.", "Raft protocol") == 1.0
+    assert M.exact_match("Paxos", ["Raft", "paxos"]) == 1.0
+    assert M.exact_match("Paxos", "Raft") == 0.0
+    assert M.token_f1("leader election timeout", "the election timeout") == pytest.approx(0.8)
+    assert M.token_f1("", "") == 1.0 and M.token_f1("x", "") == 0.0
+
+
+@given(st.text(max_size=40), st.text(max_size=40))
+def test_token_f1_properties(a, b):
+    f = M.token_f1(a, b)
+    assert 0.0 <= f <= 1.0
+    assert f == pytest.approx(M.token_f1(b, a))
+    assert M.token_f1(a, a) == 1.0
+    assert M.exact_match(a, b) <= f + 1e-12  # an exact match has F1 1
+
+
+# -- JSON --------------------------------------------------------------------------------------
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"service": {"type": "string"}, "rate": {"type": "number"}},
+    "required": ["service", "rate"],
+}
+
+
+def test_json_validity_with_and_without_schema():
+    texts = [
+        '{"service": "a", "rate": 1}',
+        '```json\n{"service": "b", "rate": 2.5}\n```',
+        "{oops",
+        '{"service": 3}',
+    ]
+    assert M.json_validity(texts).k == 3
+    assert M.json_validity(texts, SCHEMA).k == 2
+    assert M.json_validity([], SCHEMA).n == 0
+
+
+def test_field_accuracy():
+    refs = [{"service": "billing-api", "rate": 12.5}, {"service": "auth", "rate": 3}]
+    texts = ['{"service": "Billing-API ", "rate": 12.50}', '{"service": "auth", "rate": 4}']
+    fa = M.field_accuracy(texts, refs)
+    assert fa["fields"] == {"service": 1.0, "rate": 0.5}
+    assert fa["overall"] == pytest.approx(0.75) and fa["exact"] == pytest.approx(0.5)
+    assert M.field_accuracy(["not json", "[1]"], refs)["overall"] == 0.0
