@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("distiller.dataset", "turn teacher samples into train/valid/test chat data"),
     "train": ("distiller.train", "train a student adapter (sft, seq-kd, logit-kd, dpo)"),
     "fuse": ("distiller.fuse", "fuse an adapter into a standalone (optionally quantized) model"),
+    "eval": ("distiller.evaluate", "evaluate any model on any prompt file: outputs + metrics"),
 }
 
 EPILOG = """\

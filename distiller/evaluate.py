@@ -1,0 +1,588 @@
+"""Stage: model -> metrics. Evaluate any model on any prompt set of a task.
+
+``evaluate(model_ref, spec, prompts)`` loads the model, renders each prompt ``bare`` (the user
+text alone, how the distilled student is used) or ``scaffold`` (the teacher's system prompt and
+few-shot turns first, how the teacher is used), generates greedily in batches, runs the spec's
+validators on every output and returns per-sample records plus metrics: format rate with its
+Wilson interval, per-section rates, task metrics (classification, extraction, exact match),
+output lengths, batched prefill/decode throughput, peak memory, parameter count and the size of
+the model directory. ``cached_evaluate`` keys that on everything that determines it (model
+weights, prompts, rendering, validators, decoding) so repeated test sessions reuse it.
+
+``measure_latency`` is the single-stream path: what one user waiting for one answer sees.
+
+    distiller eval --model smollm2-135m-instruct --task fixtures/tasks/structured_cot.yaml \\
+        --prompts split:test --out runs/eval/vanilla.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distiller import metrics as M
+from distiller.errors import UserError
+from distiller.spec import Prompt, TaskSpec, stable_hash
+
+STYLES = ("bare", "scaffold")
+# Bump when the meaning of a stored evaluation changes, so stale caches are not reused.
+EVAL_FORMAT = 1
+
+
+@dataclass
+class EvalResult:
+    """One model on one prompt set: per-sample records and aggregate metrics (JSON-able)."""
+
+    model: str
+    task: str
+    prompt_set: str
+    style: str
+    records: list[dict[str, Any]]
+    metrics: dict[str, Any]
+    key: str = ""
+    reused: bool = False  # loaded from the evaluation cache rather than generated now
+
+    @property
+    def format_rate(self) -> M.Rate:
+        return M.Rate.from_dict(self.metrics["format"])
+
+    @property
+    def section_rates(self) -> dict[str, M.Rate]:
+        return {h: M.Rate.from_dict(r) for h, r in self.metrics["sections"].items()}
+
+    def failing(self, n: int = 3) -> list[dict[str, Any]]:
+        """The first ``n`` records that failed validation."""
+        return [r for r in self.records if not r["passed"]][:n]
+
+    def header(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "task": self.task,
+            "prompt_set": self.prompt_set,
+            "style": self.style,
+            "key": self.key,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+def load_model(model_ref: str | Path) -> tuple[Any, Any]:
+    """(model, tokenizer) from a registry name or a model dir, in the compute dtype."""
+    from distiller.train.trainer import load_model as _load
+
+    return _load(str(model_ref))
+
+
+def model_dir(model_ref: str | Path) -> Path | None:
+    """The local directory behind a model reference, if there is one."""
+    path = Path(model_ref).expanduser()
+    if path.is_dir():
+        return path
+    try:
+        from distiller.train.trainer import model_path
+
+        return Path(model_path(str(model_ref)))
+    except (UserError, ImportError, OSError, ValueError):
+        return None
+
+
+def model_fingerprint(model_ref: str | Path) -> dict[str, Any]:
+    """What identifies a model's weights: its dir's config and weight file sizes and mtimes."""
+    path = model_dir(model_ref)
+    if path is None:
+        return {"ref": str(model_ref)}
+    weights = {
+        p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(path.glob("*.safetensors"))
+    }
+    config = path / "config.json"
+    return {
+        "dir": str(path.resolve()),
+        "config": stable_hash(config.read_text()) if config.exists() else None,
+        "weights": weights,
+    }
+
+
+def disk_size_mb(model_ref: str | Path) -> float | None:
+    """Size of the model directory's files (weights, config, tokenizer) in MB (1e6 bytes)."""
+    path = model_dir(model_ref)
+    if path is None:
+        return None
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e6
+
+
+def count_parameters(model: Any) -> int:
+    """Number of weights; quantized matrices count their unpacked elements, not scales/biases."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    total = 0
+    for _, module in model.named_modules():
+        bits = getattr(module, "bits", None)
+        for name, value in module.items():  # this module's own arrays, not its children's
+            if not isinstance(value, mx.array):
+                continue
+            if bits and name == "weight":
+                total += value.size * 32 // bits
+            elif not (bits and name in ("scales", "biases")):
+                total += value.size
+    if total == 0:  # not an nn.Module tree we can walk: count the flat parameter tree
+        total = sum(v.size for _, v in tree_flatten(model.parameters()))
+    return int(total)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts
+
+
+def render_messages(spec: TaskSpec, prompt: Prompt, style: str) -> list[dict]:
+    from distiller.generate import build_messages
+
+    if style == "bare":
+        return build_messages(prompt.text)
+    if style == "scaffold":
+        return build_messages(prompt.text, spec.teacher.system_prompt, spec.teacher.few_shot)
+    raise UserError(f"style must be one of {', '.join(STYLES)}, got {style!r}")
+
+
+def resolve_prompts(spec: TaskSpec, which: str) -> tuple[str, list[Prompt]]:
+    """A prompt set by name: ``split:test|valid|train``, ``set:NAME`` (eval.prompt_sets),
+    ``all``, or a YAML/JSONL file (read with the spec's prompt rules). Returns (name, prompts)."""
+    if which.startswith("split:"):
+        from distiller.dataset import split_prompts
+
+        part = which.split(":", 1)[1]
+        if part not in ("train", "valid", "test"):
+            raise UserError(f"--prompts {which}: expected split:train, split:valid or split:test")
+        return which, list(getattr(split_prompts(spec.prompts, spec.split), part))
+    if which.startswith("set:") or which in spec.eval.prompt_sets:
+        name = which.removeprefix("set:")
+        if name not in spec.eval.prompt_sets:
+            known = ", ".join(spec.eval.prompt_sets) or "none"
+            raise UserError(f"--prompts {which}: no such eval.prompt_sets entry (have: {known})")
+        return f"set:{name}", list(spec.eval.prompt_sets[name])
+    if which == "all":
+        return "all", list(spec.prompts)
+    path = Path(which)
+    if not path.exists():
+        raise UserError(
+            f"--prompts {which}: not a file, nor split:train|valid|test, set:NAME or all"
+        )
+    from distiller.spec import read_prompts
+
+    return path.stem, list(read_prompts(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Task metrics
+
+
+def _validator_params(spec: TaskSpec, type_: str) -> dict[str, Any] | None:
+    from distiller.validators import check_params
+
+    for v in spec.validators:
+        if v.type == type_:
+            return check_params(type_, dict(v.params))
+    return None
+
+
+def task_metrics(spec: TaskSpec, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Metrics beyond format, chosen by what the task has: labels, JSON references, answers."""
+    from distiller.validators import normalize_label
+
+    out: dict[str, Any] = {}
+    if not records:
+        return out
+    texts = [r["output"] for r in records]
+    label_params = _validator_params(spec, "label")
+    if label_params is not None:
+        labels = list(label_params.get("labels") or spec.labels)
+        cs = bool(label_params.get("case_sensitive"))
+        preds = [normalize_label(t, labels, cs) for t in texts]
+        for r, p in zip(records, preds, strict=True):
+            r["prediction"] = p
+        refs = [r.get("label") for r in records]
+        if labels and all(ref in labels for ref in refs):
+            out["accuracy"] = M.accuracy(preds, refs)
+            out["macro_f1"] = M.macro_f1(preds, refs, labels)
+            out["per_class"] = M.classification_report(preds, refs, labels)
+            out["confusion"] = {
+                "labels": labels,
+                "matrix": M.confusion_matrix(preds, refs, labels).tolist(),
+            }
+    json_params = _validator_params(spec, "json_schema")
+    if json_params is not None:
+        out["json_valid"] = M.json_validity(texts, json_params.get("schema")).to_dict()
+    refs = [r.get("reference") for r in records]
+    if refs and all(isinstance(x, dict) for x in refs):
+        fa = M.field_accuracy(texts, refs)
+        out["field_accuracy"] = fa["overall"]
+        out["field_accuracy_by_field"] = fa["fields"]
+        out["exact_object"] = fa["exact"]
+    elif refs and all(isinstance(x, str) for x in refs):
+        out["exact_match"] = statistics.fmean(
+            M.exact_match(t, x) for t, x in zip(texts, refs, strict=True)
+        )
+        out["token_f1"] = statistics.fmean(
+            M.token_f1(t, x) for t, x in zip(texts, refs, strict=True)
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def metrics_path(out_path: str | Path) -> Path:
+    """Where the metrics JSON of a per-sample JSONL file lives: ``x.jsonl`` -> ``x.metrics.json``."""
+    p = Path(out_path)
+    return p.with_name(p.name.removesuffix(".jsonl") + ".metrics.json")
+
+
+def write_result(result: EvalResult, out_path: str | Path) -> None:
+    """Per-sample JSONL at ``out_path`` and metrics JSON beside it (each written atomically)."""
+    out_path = Path(out_path)
+    lines = [json.dumps(r, ensure_ascii=False, default=str) for r in result.records]
+    _atomic_write(out_path, "".join(line + "\n" for line in lines))
+    doc = {**result.header(), "metrics": result.metrics}
+    _atomic_write(metrics_path(out_path), json.dumps(doc, indent=2, default=str) + "\n")
+
+
+def read_result(out_path: str | Path) -> EvalResult:
+    out_path = Path(out_path)
+    doc = json.loads(metrics_path(out_path).read_text(encoding="utf-8"))
+    records = [json.loads(line) for line in out_path.read_text(encoding="utf-8").splitlines()]
+    return EvalResult(
+        model=doc["model"],
+        task=doc["task"],
+        prompt_set=doc["prompt_set"],
+        style=doc["style"],
+        records=records,
+        metrics=doc["metrics"],
+        key=doc.get("key", ""),
+        reused=True,
+    )
+
+
+def evaluate(
+    model_ref: str | Path,
+    spec: TaskSpec,
+    prompts: list[Prompt] | tuple[Prompt, ...],
+    out_path: str | Path | None = None,
+    style: str = "bare",
+    max_tokens: int | None = None,
+    limit: int | None = None,
+    *,
+    prompt_set: str = "prompts",
+    name: str | None = None,
+    loaded: tuple[Any, Any] | None = None,
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> EvalResult:
+    """Generate (greedy, batched) for every prompt, validate, and measure.
+
+    ``loaded`` is an already loaded ``(model, tokenizer)`` for ``model_ref`` (saves a reload);
+    ``name`` is the display name in reports (default: ``model_ref``).
+    """
+    from distiller.generate import chat_prompt, generate_batch
+    from distiller.validators import build_validator
+
+    if style not in STYLES:
+        raise UserError(f"style must be one of {', '.join(STYLES)}, got {style!r}")
+    prompts = list(prompts)[:limit] if limit is not None else list(prompts)
+    max_tokens = max_tokens or spec.eval.max_tokens
+    batch_size = batch_size or spec.eval.batch_size
+    model, tokenizer = loaded if loaded is not None else load_model(model_ref)
+    validator = build_validator(spec.validators)
+    ids = [chat_prompt(tokenizer, render_messages(spec, p, style)) for p in prompts]
+
+    bar = None
+    if progress and prompts:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(prompts), desc=f"eval {name or model_ref}", unit="prompt", leave=False)
+    try:
+        gens = generate_batch(
+            model,
+            tokenizer,
+            ids,
+            max_tokens=max_tokens,
+            temperature=0.0,
+            batch_size=batch_size,
+            progress=bar.update if bar is not None else None,
+            reset_peak_memory=True,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+
+    records = []
+    verdicts = []
+    for p, g in zip(prompts, gens, strict=True):
+        v = validator(g.text)
+        verdicts.append(v)
+        records.append(
+            {
+                "id": p.id,
+                "prompt": p.text,
+                "output": g.text,
+                "passed": v.passed,
+                "score": v.score,
+                "reasons": v.reasons,
+                "sections": dict(v.sections),
+                "prompt_tokens": g.prompt_tokens,
+                "output_tokens": len(g.tokens),
+                "finish_reason": g.finish_reason,
+                "label": p.label,
+                "reference": p.reference,
+            }
+        )
+    fc = M.format_compliance(verdicts)
+    stats = gens.stats
+    n = len(records)
+    metrics: dict[str, Any] = {
+        "n": n,
+        "format": fc["overall"].to_dict(),
+        "sections": {h: r.to_dict() for h, r in fc["sections"].items()},
+        "failed_checks": fc["failed_checks"],
+        "task": task_metrics(spec, records),
+        "mean_output_tokens": statistics.fmean(r["output_tokens"] for r in records) if n else 0.0,
+        "hit_max_tokens": sum(r["finish_reason"] == "length" for r in records),
+        "prefill_tps": stats.prompt_tps,
+        "decode_tps": stats.decode_tps,
+        "generation_tps": stats.generation_tps,
+        "wall_s": stats.wall_time,
+        "peak_memory_mb": stats.peak_memory_gb * 1e3,
+        "params": count_parameters(model),
+        "disk_mb": disk_size_mb(model_ref),
+        "max_tokens": max_tokens,
+        "batch_size": batch_size,
+    }
+    result = EvalResult(
+        model=name or str(model_ref),
+        task=spec.name,
+        prompt_set=prompt_set,
+        style=style,
+        records=records,
+        metrics=metrics,
+    )
+    if out_path is not None:
+        write_result(result, out_path)
+    return result
+
+
+def eval_key(
+    model_ref: str | Path,
+    spec: TaskSpec,
+    prompts: list[Prompt] | tuple[Prompt, ...],
+    style: str,
+    max_tokens: int | None,
+    limit: int | None,
+    batch_size: int | None = None,
+) -> str:
+    """Hash of everything that determines an evaluation's outputs and metrics."""
+    prompts = list(prompts)[:limit] if limit is not None else list(prompts)
+    scaffold = (
+        {"system": spec.teacher.system_prompt, "few_shot": list(spec.teacher.few_shot)}
+        if style == "scaffold"
+        else None
+    )
+    return stable_hash(
+        {
+            "format": EVAL_FORMAT,
+            "model": model_fingerprint(model_ref),
+            "prompts": [(p.id, p.text, p.label, p.reference) for p in prompts],
+            "style": style,
+            "scaffold": scaffold,
+            "validators": [asdict(v) for v in spec.validators],
+            "max_tokens": max_tokens or spec.eval.max_tokens,
+            "batch_size": batch_size or spec.eval.batch_size,
+        }
+    )
+
+
+def cached_evaluate(
+    model_ref: str | Path,
+    spec: TaskSpec,
+    prompts: list[Prompt] | tuple[Prompt, ...],
+    cache_dir: str | Path,
+    style: str = "bare",
+    max_tokens: int | None = None,
+    limit: int | None = None,
+    **kwargs: Any,
+) -> EvalResult:
+    """``evaluate``, reused from ``cache_dir/<key>.jsonl`` when nothing that determines it changed.
+
+    Throughput and memory figures in a reused result are those measured when it was made.
+    """
+    key = eval_key(model_ref, spec, prompts, style, max_tokens, limit, kwargs.get("batch_size"))
+    out = Path(cache_dir) / f"{key[:16]}.jsonl"
+    if out.exists() and metrics_path(out).exists():
+        try:
+            result = read_result(out)
+            if result.key == key:
+                if kwargs.get("name"):
+                    result.model = kwargs["name"]
+                return result
+        except (OSError, ValueError, KeyError):
+            pass  # a damaged cache entry is recomputed
+    result = evaluate(model_ref, spec, prompts, None, style, max_tokens, limit, **kwargs)
+    result.key = key
+    write_result(result, out)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Single-stream latency
+
+
+@dataclass
+class Latency:
+    """Single-stream figures averaged over prompts (after ``warmup`` unmeasured runs)."""
+
+    samples: int
+    ms_per_sample: float  # wall time of one whole answer
+    ms_per_token: float  # wall time / generated tokens
+    prefill_tps: float
+    decode_tps: float
+    mean_output_tokens: float
+    peak_memory_mb: float
+    per_sample_ms: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def measure_latency(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    max_tokens: int,
+    warmup: int = 1,
+) -> Latency:
+    """Greedy single-stream generation of each prompt, one at a time."""
+    import mlx.core as mx
+
+    from distiller.generate import generate_one
+
+    if not prompts:
+        raise ValueError("measure_latency needs at least one prompt")
+    for p in prompts[:warmup]:
+        generate_one(model, tokenizer, p, max_tokens=min(max_tokens, 8))
+    mx.reset_peak_memory()
+    gens = []
+    for p in prompts:
+        start = time.perf_counter()
+        g = generate_one(model, tokenizer, p, max_tokens=max_tokens)
+        gens.append((g, time.perf_counter() - start))
+    ms = [1e3 * t for _, t in gens]
+    tokens = sum(g.generation_tokens for g, _ in gens)
+    return Latency(
+        samples=len(gens),
+        ms_per_sample=statistics.fmean(ms),
+        ms_per_token=sum(ms) / tokens if tokens else float("nan"),
+        prefill_tps=statistics.fmean(g.prompt_tps for g, _ in gens),
+        decode_tps=statistics.fmean(g.generation_tps for g, _ in gens),
+        mean_output_tokens=tokens / len(gens),
+        peak_memory_mb=mx.get_peak_memory() / 1e6,
+        per_sample_ms=ms,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="registry name or model directory")
+    parser.add_argument("--task", required=True, help="task spec (YAML): validators, prompts")
+    parser.add_argument(
+        "--prompts",
+        default="split:test",
+        help="split:test|valid|train (held-out split of the spec's prompts), set:NAME "
+        "(eval.prompt_sets), all, or a YAML/JSONL prompts file (default: split:test)",
+    )
+    parser.add_argument(
+        "--style",
+        choices=STYLES,
+        default="bare",
+        help="bare: the prompt alone (students); scaffold: with the teacher's system prompt "
+        "and few-shot turns (default: bare)",
+    )
+    parser.add_argument("--out", type=Path, help="per-sample JSONL (metrics: <out>.metrics.json)")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N prompts")
+    parser.add_argument("--max-tokens", type=int, help="default: the spec's eval.max_tokens")
+    parser.add_argument("--batch-size", type=int, help="default: the spec's eval.batch_size")
+    parser.add_argument(
+        "--latency", type=int, default=0, metavar="N", help="also time N prompts single-stream"
+    )
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    from distiller.spec import load_spec
+
+    for opt in ("limit", "max_tokens", "batch_size"):
+        value = getattr(args, opt)
+        if value is not None and value <= 0:
+            raise UserError(f"--{opt.replace('_', '-')} must be > 0, got {value}")
+    spec = load_spec(args.task)
+    set_name, prompts = resolve_prompts(spec, args.prompts)
+    if not prompts:
+        raise UserError(f"--prompts {args.prompts}: no prompts")
+    loaded = load_model(args.model)
+    result = evaluate(
+        args.model,
+        spec,
+        prompts,
+        out_path=args.out,
+        style=args.style,
+        max_tokens=args.max_tokens,
+        limit=args.limit,
+        prompt_set=set_name,
+        loaded=loaded,
+        batch_size=args.batch_size,
+    )
+    m = result.metrics
+    print(f"{spec.name} / {set_name} / {args.model} ({args.style}), n={m['n']}")
+    print(f"  format rate   {result.format_rate}")
+    for h, r in result.section_rates.items():
+        print(f"  {h:<13} {r}")
+    for k, v in m["task"].items():
+        if isinstance(v, float):
+            print(f"  {k:<13} {v:.3f}")
+    print(
+        f"  tokens/answer {m['mean_output_tokens']:.1f} | prefill {m['prefill_tps']:.1f} tok/s | "
+        f"decode {m['decode_tps']:.1f} tok/s (batched) | peak {m['peak_memory_mb']:.0f} MB | "
+        f"{m['params'] / 1e6:.1f}M params"
+        + (f" | {m['disk_mb']:.1f} MB on disk" if m["disk_mb"] is not None else "")
+    )
+    if args.latency:
+        from distiller.generate import chat_prompt
+
+        model, tokenizer = loaded
+        ids = [
+            chat_prompt(tokenizer, render_messages(spec, p, args.style))
+            for p in prompts[: args.latency]
+        ]
+        lat = measure_latency(model, tokenizer, ids, args.max_tokens or spec.eval.max_tokens)
+        print(
+            f"  single stream: {lat.ms_per_sample:.0f} ms/answer, {lat.ms_per_token:.1f} ms/token, "
+            f"prefill {lat.prefill_tps:.1f} tok/s, decode {lat.decode_tps:.1f} tok/s"
+        )
+    if args.out:
+        print(f"wrote {args.out} and {metrics_path(args.out)}")
+    return 0

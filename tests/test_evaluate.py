@@ -1,0 +1,168 @@
+"""evaluate: a tiny random model through generation, validation, metrics, files and the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from distiller import evaluate as E
+from distiller.errors import UserError
+from distiller.spec import load_spec
+
+SPEC = """\
+name: tiny_sections
+prompts:
+  items:
+    - {{id: p1, text: "Explain the split brain."}}
+    - {{id: p2, text: "Explain the thundering herd."}}
+    - {{id: p3, text: "Explain the retry storm."}}
+    - {{id: p4, text: "Explain clock skew."}}
+    - {{id: p5, text: "Explain the lost update."}}
+teacher:
+  model: {model}
+  system_prompt: "Answer with two sections, A: and B:."
+  few_shot:
+    - {{user: "Explain X.", assistant: "A: x is bad.\\nB: fix x."}}
+validators:
+  - type: sections
+    headers: [A, B]
+student: {{model: {model}}}
+split: {{train: 0.6, valid: 0.0, test: 0.4, seed: 0}}
+eval:
+  max_tokens: 6
+  batch_size: 4
+  thresholds: {{format_rate: 0.9}}
+  prompt_sets:
+    extra:
+      items: ["Explain a partition."]
+"""
+
+
+def write_spec(tmp_path: Path, model_dir: Path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(SPEC.format(model=model_dir))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_spec(tiny_model_dir, tmp_path_factory):
+    return load_spec(write_spec(tmp_path_factory.mktemp("spec"), tiny_model_dir))
+
+
+def test_evaluate_records_metrics_and_files(tiny_model_dir, tiny_spec, tmp_path):
+    out = tmp_path / "ev" / "tiny.jsonl"
+    r = E.evaluate(tiny_model_dir, tiny_spec, tiny_spec.prompts, out_path=out, progress=False)
+    assert [rec["id"] for rec in r.records] == ["p1", "p2", "p3", "p4", "p5"]
+    m = r.metrics
+    assert m["n"] == 5 and m["format"]["n"] == 5
+    # A random 2-layer model does not write "A:" and "B:" sections.
+    assert r.format_rate.k == sum(rec["passed"] for rec in r.records)
+    assert set(m["sections"]) == {"A", "B"}
+    assert all(0 < rec["output_tokens"] <= 6 for rec in r.records)
+    assert all(not rec["passed"] and rec["reasons"] for rec in r.failing(5))
+    assert m["prefill_tps"] > 0 and m["decode_tps"] > 0 and m["peak_memory_mb"] > 0
+    # 2 layers, d=64, vocab 49152, tied: the embedding dominates.
+    assert 49152 * 64 < m["params"] < 49152 * 64 + 200_000
+    weights = (tiny_model_dir / "model.safetensors").stat().st_size / 1e6
+    assert m["disk_mb"] > weights
+    back = E.read_result(out)
+    assert back.records == json.loads(json.dumps(r.records)) and back.metrics["n"] == 5
+    assert E.metrics_path(out).name == "tiny.metrics.json"
+
+
+def test_scaffold_style_makes_longer_prompts(tiny_model_dir, tiny_spec):
+    bare = E.evaluate(tiny_model_dir, tiny_spec, tiny_spec.prompts, limit=2, progress=False)
+    scaf = E.evaluate(
+        tiny_model_dir, tiny_spec, tiny_spec.prompts, style="scaffold", limit=2, progress=False
+    )
+    assert bare.metrics["n"] == 2
+    for b, s in zip(bare.records, scaf.records, strict=True):
+        assert s["prompt_tokens"] > b["prompt_tokens"] + 10
+    with pytest.raises(UserError):
+        E.evaluate(tiny_model_dir, tiny_spec, tiny_spec.prompts, style="fancy")
+
+
+def test_cached_evaluate_reuses_and_invalidates(tiny_model_dir, tiny_spec, tmp_path):
+    first = E.cached_evaluate(tiny_model_dir, tiny_spec, tiny_spec.prompts, tmp_path, limit=3)
+    assert not first.reused and first.key
+    again = E.cached_evaluate(tiny_model_dir, tiny_spec, tiny_spec.prompts, tmp_path, limit=3)
+    assert again.reused and again.key == first.key and again.records == first.records
+    other = E.cached_evaluate(
+        tiny_model_dir, tiny_spec, tiny_spec.prompts, tmp_path, limit=3, max_tokens=4
+    )
+    assert not other.reused and other.key != first.key
+
+
+def test_resolve_prompts(tiny_spec, tmp_path):
+    name, test = E.resolve_prompts(tiny_spec, "split:test")
+    assert name == "split:test" and len(test) == 2
+    assert len(E.resolve_prompts(tiny_spec, "set:extra")[1]) == 1
+    assert len(E.resolve_prompts(tiny_spec, "all")[1]) == 5
+    f = tmp_path / "more.yaml"
+    f.write_text("- one prompt\n- another\n")
+    assert [p.text for p in E.resolve_prompts(tiny_spec, str(f))[1]] == ["one prompt", "another"]
+    for bad in ("split:nope", "set:nope", str(tmp_path / "missing.yaml")):
+        with pytest.raises(UserError):
+            E.resolve_prompts(tiny_spec, bad)
+
+
+def test_task_metrics_classification_and_extraction():
+    spec = load_spec(Path(__file__).parent.parent / "fixtures/tasks/label_ranking.yaml")
+    recs = [
+        {"output": "Critical.", "label": "critical", "reference": None},
+        {"output": "minor", "label": "major", "reference": None},
+        {"output": "no idea", "label": "minor", "reference": None},
+    ]
+    tm = E.task_metrics(spec, recs)
+    assert tm["accuracy"] == pytest.approx(1 / 3)
+    assert [r["prediction"] for r in recs] == ["critical", "minor", None]
+    assert tm["confusion"]["labels"] == ["critical", "major", "minor"]
+    spec = load_spec(Path(__file__).parent.parent / "fixtures/tasks/json_extraction.yaml")
+    ref = spec.prompts[0].reference
+    assert isinstance(ref, dict)
+    tm = E.task_metrics(
+        spec,
+        [
+            {"output": json.dumps(ref), "reference": ref, "label": None},
+            {"output": "{}", "reference": ref, "label": None},
+        ],
+    )
+    assert tm["field_accuracy"] == pytest.approx(0.5) and tm["exact_object"] == 0.5
+    assert tm["json_valid"]["k"] == 1
+
+
+def test_measure_latency(tiny_model_dir):
+    from distiller.generate import build_messages, chat_prompt
+
+    model, tok = E.load_model(tiny_model_dir)
+    ids = [chat_prompt(tok, build_messages(t)) for t in ("a question", "another question")]
+    lat = E.measure_latency(model, tok, ids, max_tokens=5)
+    assert lat.samples == 2 and len(lat.per_sample_ms) == 2
+    assert lat.ms_per_sample > 0 and lat.decode_tps > 0 and lat.prefill_tps > 0
+    assert 0 < lat.mean_output_tokens <= 5
+
+
+def test_cli_eval(tiny_model_dir, tmp_path):
+    spec = write_spec(tmp_path, tiny_model_dir)
+    out = tmp_path / "out.jsonl"
+    cmd = [sys.executable, "-m", "distiller.cli", "eval", "--model", str(tiny_model_dir)]
+    proc = subprocess.run(
+        [*cmd, "--task", str(spec), "--prompts", "split:test", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "format rate" in proc.stdout and out.exists() and E.metrics_path(out).exists()
+    assert len(out.read_text().splitlines()) == 2
+    bad = subprocess.run(
+        [*cmd, "--task", str(spec), "--prompts", "split:bogus"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and "split:test" in bad.stderr
