@@ -1,0 +1,274 @@
+"""Reports: the teacher-vs-student table, side-by-side samples, latest/history files, baseline.
+
+Inputs are ``distiller.evaluate.EvalResult`` objects (one model on one prompt set) and,
+optionally, single-stream latency figures per model name. Tables are pandas DataFrames rendered
+as Markdown with tabulate. Files written by ``write_reports``:
+
+- ``reports/latest.md``      the tables and samples, for humans (CI artifacts, PR comments);
+- ``reports/latest.json``    the same figures, for machines;
+- ``reports/history.jsonl``  one line per run appended, to watch trends.
+
+The baseline (``reports/baseline.json``) holds, per ``task/prompt_set/model`` entry, the counts
+behind each rate (so the gate can run a proper two-sample test) and the other figures. It is
+read for gating and rewritten only on request (``--distiller-update-baseline``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from distiller.metrics import Rate
+
+BASELINE_VERSION = 1
+# Task metrics in order of preference for the table's single "task metric" column.
+TASK_METRICS = ("accuracy", "field_accuracy", "token_f1", "exact_match", "macro_f1")
+
+
+def entry_key(task: str, prompt_set: str, model: str) -> str:
+    return f"{task}/{prompt_set}/{model}"
+
+
+def main_task_metric(task: dict[str, Any]) -> tuple[str, float] | None:
+    for name in TASK_METRICS:
+        if isinstance(task.get(name), (int, float)):
+            return name, float(task[name])
+    return None
+
+
+def _fmt_rate(d: dict[str, Any]) -> str:
+    r = Rate.from_dict(d)
+    if r.n == 0:
+        return "n/a"
+    return f"{r.value:.2f} [{r.lo:.2f}, {r.hi:.2f}]"
+
+
+def _num(x: Any, digits: int = 1) -> Any:
+    return None if x is None else round(float(x), digits)
+
+
+# ---------------------------------------------------------------------------------------------
+# Summaries
+
+
+def summarize(result: Any, latency: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The figures of one EvalResult (plus latency) that reports and the baseline keep."""
+    m = result.metrics
+    task = {k: v for k, v in m.get("task", {}).items() if isinstance(v, (int, float))}
+    if isinstance(m.get("task", {}).get("json_valid"), dict):
+        task["json_valid"] = Rate.from_dict(m["task"]["json_valid"]).value
+    out = {
+        "task": result.task,
+        "prompt_set": result.prompt_set,
+        "model": result.model,
+        "style": result.style,
+        "n": m["n"],
+        "format": {k: m["format"][k] for k in ("k", "n", "lo", "hi", "value")},
+        "sections": {
+            h: {k: r[k] for k in ("k", "n", "lo", "hi", "value")}
+            for h, r in m.get("sections", {}).items()
+        },
+        "task_metrics": task,
+        "mean_output_tokens": m.get("mean_output_tokens"),
+        "params": m.get("params"),
+        "disk_mb": m.get("disk_mb"),
+        "peak_memory_mb": m.get("peak_memory_mb"),
+        "batch_prefill_tps": m.get("prefill_tps"),
+        "batch_decode_tps": m.get("decode_tps"),
+        "batch_generation_tps": m.get("generation_tps"),
+        "eval_key": result.key,
+    }
+    if latency:
+        out["latency"] = {
+            k: latency[k]
+            for k in ("ms_per_sample", "ms_per_token", "prefill_tps", "decode_tps", "samples")
+            if k in latency
+        }
+    return out
+
+
+def comparison_frame(summaries: Sequence[dict[str, Any]], reference: str = "vanilla") -> Any:
+    """One row per (task, prompt set, model); deltas against the ``reference`` model's row."""
+    import pandas as pd
+
+    rows = []
+    by_key = {(s["task"], s["prompt_set"], s["model"]): s for s in summaries}
+    for s in summaries:
+        ref = by_key.get((s["task"], s["prompt_set"], reference))
+        lat = s.get("latency") or {}
+        tm = main_task_metric(s["task_metrics"])
+        row = {
+            "task": s["task"],
+            "prompts": f"{s['prompt_set']} (n={s['n']})",
+            "model": s["model"],
+            "params (M)": _num((s["params"] or 0) / 1e6, 1) if s.get("params") else None,
+            "disk MB": _num(s.get("disk_mb"), 1),
+            "latency ms/sample": _num(lat.get("ms_per_sample"), 0),
+            "prefill tok/s": _num(lat.get("prefill_tps") or s.get("batch_prefill_tps"), 0),
+            "decode tok/s": _num(lat.get("decode_tps"), 1),
+            "batch decode tok/s": _num(s.get("batch_decode_tps"), 1),
+            "peak MB": _num(s.get("peak_memory_mb"), 0),
+            "format rate [95% CI]": _fmt_rate(s["format"]),
+        }
+        for h, r in s["sections"].items():
+            row[h] = None if r["n"] == 0 else round(r["value"], 2)
+        row["task metric"] = f"{tm[0]} {tm[1]:.2f}" if tm else None
+        if ref is not None and ref is not s and ref["format"]["n"] and s["format"]["n"]:
+            row[f"Δ format vs {reference}"] = (
+                f"{s['format']['value'] - ref['format']['value']:+.2f}"
+            )
+            ref_tm = main_task_metric(ref["task_metrics"])
+            if tm and ref_tm and ref_tm[0] == tm[0]:
+                row[f"Δ task vs {reference}"] = f"{tm[1] - ref_tm[1]:+.2f}"
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    return frame.dropna(axis=1, how="all") if len(frame) else frame
+
+
+def frame_markdown(frame: Any) -> str:
+    from tabulate import tabulate
+
+    if len(frame) == 0:
+        return "(no results)"
+    return tabulate(frame.fillna("").to_dict("list"), headers="keys", tablefmt="github")
+
+
+def _clip(text: str, n: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def samples_markdown(results: Sequence[Any], n: int = 3, width: int = 400) -> str:
+    """Side-by-side outputs of every model for the same first ``n`` prompts of each set."""
+    groups: dict[tuple[str, str], list[Any]] = {}
+    for r in results:
+        groups.setdefault((r.task, r.prompt_set), []).append(r)
+    parts = []
+    for (task, pset), rs in groups.items():
+        ids = [rec["id"] for rec in rs[0].records[:n]]
+        for pid in ids:
+            recs = {r.model: next((x for x in r.records if x["id"] == pid), None) for r in rs}
+            first = next(x for x in recs.values() if x is not None)
+            parts.append(f"#### {task} / {pset} / `{pid}`\n\n> {_clip(first['prompt'], width)}\n")
+            for model, rec in recs.items():
+                if rec is None:
+                    continue
+                mark = "PASS" if rec["passed"] else "FAIL: " + "; ".join(rec["reasons"][:3])
+                body = rec["output"].strip().replace("```", "'''") or "(empty)"
+                parts.append(f"**{model}** ({mark})\n\n```\n{body[: width * 2]}\n```\n")
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def _git_commit(cwd: Path) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def build_report(
+    results: Sequence[Any],
+    latency: dict[str, dict[str, Any]] | None = None,
+    extra: dict[str, Any] | None = None,
+    reference: str = "vanilla",
+    samples: int = 3,
+) -> tuple[dict[str, Any], str]:
+    """(JSON document, Markdown text) for a set of evaluations."""
+    latency = latency or {}
+    summaries = [summarize(r, latency.get(r.model)) for r in results]
+    frame = comparison_frame(summaries, reference)
+    created = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    doc = {
+        "created": created,
+        "commit": _git_commit(Path.cwd()),
+        "entries": {entry_key(s["task"], s["prompt_set"], s["model"]): s for s in summaries},
+        "extra": extra or {},
+    }
+    md = [f"# distiller report ({created}, commit {doc['commit'] or 'unknown'})\n"]
+    md.append("## Teacher vs students\n")
+    md.append(frame_markdown(frame) + "\n")
+    md.append(
+        "Format rate: share of outputs passing every validator, with its Wilson 95% interval. "
+        "Section columns: share of outputs with that section present once, in order, non-empty. "
+        "Latency and decode tok/s: single stream; batch columns: batched greedy generation.\n"
+    )
+    if extra:
+        md.append("## Other measurements\n")
+        for k, v in extra.items():
+            md.append(f"- {k}: {json.dumps(v, default=str)}")
+        md.append("")
+    if samples and results:
+        md.append("## Sample outputs\n")
+        md.append(samples_markdown(results, samples))
+    return doc, "\n".join(md)
+
+
+def write_reports(doc: dict[str, Any], markdown: str, out_dir: str | Path = "reports") -> Path:
+    """Write latest.md and latest.json, append one line to history.jsonl; returns out_dir."""
+    out = Path(out_dir)
+    _atomic_write(out / "latest.md", markdown)
+    _atomic_write(out / "latest.json", json.dumps(doc, indent=2, default=str) + "\n")
+    with open(out / "history.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(doc, default=str, separators=(",", ":")) + "\n")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Baseline
+
+
+def load_baseline(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Entries of a baseline file (``{}`` when there is none yet)."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        from distiller.errors import UserError
+
+        raise UserError(
+            f"{path}: not valid JSON ({e}); fix it or rewrite it with --distiller-update-baseline"
+        ) from None
+    return dict(doc.get("entries", {}))
+
+
+def update_baseline(
+    path: str | Path, summaries: Iterable[dict[str, Any]], replace: bool = False
+) -> dict[str, Any]:
+    """Merge (or with ``replace``, overwrite) entries into the baseline file; returns the doc."""
+    path = Path(path)
+    entries = {} if replace else load_baseline(path)
+    for s in summaries:
+        entries[entry_key(s["task"], s["prompt_set"], s["model"])] = s
+    doc = {
+        "version": BASELINE_VERSION,
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "commit": _git_commit(path.resolve().parent),
+        "entries": dict(sorted(entries.items())),
+    }
+    _atomic_write(path, json.dumps(doc, indent=2, default=str) + "\n")
+    return doc
