@@ -1,0 +1,91 @@
+"""Resolve a model name or path to a local MLX model dir, and load it for compute."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from distiller.device import compute_dtype
+from distiller.errors import UserError
+from distiller.models import registry
+
+
+def resolve_model(name_or_path: str, pull: bool = True) -> Path:
+    """A local MLX/HF-format model dir for a registry name, a cached import, a path or a hub id.
+
+    Registry names are pulled into the cache when missing (``pull=True``); a hub id is handed
+    to mlx-lm's downloader, which only succeeds when the hub is reachable or already cached.
+    """
+    text = str(name_or_path)
+    if text in registry.REGISTRY:
+        path = registry.model_dir(text)
+        if registry.is_complete(path):
+            return path
+        if not pull:
+            raise UserError(f"model {text!r} is not pulled; run: distiller models pull {text}")
+        return registry.pull(text)
+    cached = registry.cached_models()
+    if text in cached:
+        return cached[text]
+    path = Path(text).expanduser()
+    if path.exists():
+        if path.is_file() and path.suffix == ".gguf":
+            raise UserError(
+                f"{path}: a GGUF file; convert it first: distiller models import {path}"
+            )
+        if not (path / "config.json").is_file():
+            raise UserError(f"{path}: not a model dir (no config.json)")
+        return path
+    if "/" not in text or text.startswith((".", "/", "~")):
+        known = ", ".join(sorted({*registry.REGISTRY, *cached}))
+        raise UserError(
+            f"model {text!r}: not a registry or cached model ({known}), nor an existing dir"
+        )
+    try:
+        from mlx_lm.utils import _download
+
+        return Path(_download(text))
+    except Exception as exc:  # offline, unknown repo, auth: all end here
+        raise UserError(
+            f"model {text!r}: not a registry name or local dir, and fetching it as a "
+            f"Hugging Face hub id failed (offline?): {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _as_dtype(dtype: Any) -> mx.Dtype | None:
+    if dtype is None or isinstance(dtype, mx.Dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype in ("float32", "float16", "bfloat16"):
+        return getattr(mx, dtype)
+    raise UserError(f"dtype {dtype!r}: expected float32, float16 or bfloat16")
+
+
+def load_model(
+    name_or_path: str, adapter_path: str | None = None, dtype: Any = None
+) -> tuple[nn.Module, Any]:
+    """Load (model, TokenizerWrapper) with mlx-lm, float weights cast to the compute dtype.
+
+    ``dtype`` (mx.Dtype or its name) overrides ``distiller.device.compute_dtype()``. Quantized
+    models keep their packed weights and their scales' dtype.
+    """
+    from mlx_lm import load
+
+    target = _as_dtype(dtype)
+    path = resolve_model(name_or_path)
+    model, tokenizer, config = load(str(path), adapter_path=adapter_path, return_config=True)
+    if "quantization" not in config and "quantization_config" not in config:
+        if target is None:
+            floats = [v.dtype for _, v in _leaves(model) if mx.issubdtype(v.dtype, mx.floating)]
+            target = compute_dtype(floats[0] if floats else None)
+        model.set_dtype(target)
+        mx.eval(model.parameters())
+    return model, tokenizer
+
+
+def _leaves(model: nn.Module):
+    from mlx.utils import tree_flatten
+
+    return tree_flatten(model.parameters())
