@@ -169,7 +169,7 @@ def resolved_cblas_library() -> str | None:
     symbol = None
     for handle in (None, _loaded_libmlx()):
         try:
-            symbol = getattr(ctypes.CDLL(handle), "cblas_sgemm")
+            symbol = ctypes.CDLL(handle).cblas_sgemm
             break
         except (OSError, AttributeError, TypeError):
             continue

@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("distiller.train", "train a student adapter (sft, seq-kd, logit-kd, dpo)"),
     "fuse": ("distiller.fuse", "fuse an adapter into a standalone (optionally quantized) model"),
     "eval": ("distiller.evaluate", "evaluate any model on any prompt file: outputs + metrics"),
+    "run": ("distiller.pipeline", "run every stage: spec -> fused student -> comparison report"),
 }
 
 EPILOG = """\

@@ -27,7 +27,11 @@ def probe(first: str = "import distiller", env: dict | None = None) -> tuple[dic
     full_env = {**os.environ, **(env or {})}
     done = subprocess.run(
         [sys.executable, "-W", "always", "-c", PROBE.format(first=first)],
-        capture_output=True, text=True, env=full_env, check=True, timeout=120,
+        capture_output=True,
+        text=True,
+        env=full_env,
+        check=True,
+        timeout=120,
     )
     return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
 

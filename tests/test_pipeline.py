@@ -1,0 +1,83 @@
+"""`distiller run` stage caching, end to end on a tiny student and a loopback HTTP teacher."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from fake_openai import FakeOpenAI
+
+from distiller.pipeline import distill
+from distiller.spec import load_spec
+
+HEADERS = ["FAILURE MODE", "NAIVE FIXES", "MECHANISM", "TRADE-OFF"]
+
+
+def four_sections(body: dict) -> str:
+    user = body["messages"][-1]["content"]
+    return "\n".join(
+        f"{h}: {h.lower()} of {user}, point {i} with its own words {'x' * (i + 1)}."
+        for i, h in enumerate(HEADERS)
+    )
+
+
+@pytest.fixture()
+def teacher_server():
+    with FakeOpenAI(responder=four_sections) as server:
+        yield server
+
+
+def write_spec(path: Path, server_url: str, student_dir: Path, lr: float = 1e-3) -> Path:
+    spec = {
+        "name": "tiny_cot",
+        "prompts": {"items": [f"scenario number {i} about replica {i * 7}" for i in range(12)]},
+        "teacher": {
+            "endpoint": {"url": server_url, "model": "fake"},
+            "decoding": {"temperature": 0.0, "max_tokens": 64},
+            "samples_per_prompt": 1,
+        },
+        "validators": [{"type": "sections", "headers": HEADERS}],
+        "student": {
+            "model": str(student_dir),
+            "route": "sft",
+            "lora": {"rank": 4, "alpha": 8, "layers": "all"},
+            "train": {
+                "iters": 4,
+                "batch_size": 2,
+                "learning_rate": lr,
+                "steps_per_eval": 2,
+                "checkpoint_every": 2,
+                "max_seq_length": 128,
+            },
+        },
+        "split": {"train": 0.5, "valid": 0.25, "test": 0.25, "seed": 0},
+    }
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_run_reuses_unchanged_stages_and_rebuilds_changed_ones(
+    tmp_path, teacher_server, tiny_model_dir
+):
+    spec_path = write_spec(tmp_path / "tiny.yaml", teacher_server.url, tiny_model_dir)
+    run_dir = tmp_path / "run"
+    first = distill(load_spec(spec_path), run_dir)
+    assert not any(stage.reused for stage in first.stages.values())
+    assert (first.student_dir / "config.json").exists()
+    requests_after_first = len(teacher_server.requests)
+    assert requests_after_first == 12
+
+    again = distill(load_spec(spec_path), run_dir)
+    assert all(stage.reused for stage in again.stages.values())
+    assert len(teacher_server.requests) == requests_after_first  # nothing regenerated
+
+    # A training setting changed: the teacher and dataset stay, training and fusing rerun.
+    write_spec(spec_path, teacher_server.url, tiny_model_dir, lr=5e-4)
+    changed = distill(load_spec(spec_path), run_dir)
+    reused = {name: stage.reused for name, stage in changed.stages.items()}
+    assert reused == {"teacher": True, "dataset": True, "train": False, "fuse": False}
+    assert len(teacher_server.requests) == requests_after_first
+    stage_record = json.loads((run_dir / "train" / "stage.json").read_text())
+    assert stage_record["key"] == changed.stages["train"].key != first.stages["train"].key
