@@ -17,7 +17,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -110,8 +110,18 @@ class RunResult:
         return self.stages["fuse"].path / "model"
 
 
+def trainable_prompts(spec: TaskSpec) -> TaskSpec:
+    """The spec narrowed to its train and valid prompts: held-out prompts need no teacher."""
+    from distiller.dataset import split_prompts
+
+    splits = split_prompts(spec.prompts, spec.split)
+    return replace(spec, prompts=(*splits.train, *splits.valid))
+
+
 def teacher_stage(spec: TaskSpec, run_dir: Path, limit: int | None = None) -> StageResult:
     from distiller.teacher import run_teacher
+
+    spec = trainable_prompts(spec)
 
     def build(out: Path) -> dict:
         return asdict(run_teacher(spec, out / "samples.jsonl", limit=limit))
@@ -185,11 +195,112 @@ def default_run_dir(spec: TaskSpec) -> Path:
     return Path("runs") / spec.name
 
 
+@dataclass(frozen=True)
+class Contender:
+    """A model in the comparison: display name, model reference, and how it is prompted."""
+
+    name: str
+    model: str
+    style: str  # "scaffold" (system prompt + few-shot, as the teacher) or "bare"
+
+
+def contenders(spec: TaskSpec, run: RunResult | None) -> list[Contender]:
+    """Teacher (with its scaffold), vanilla student and distilled student (both bare)."""
+    found = []
+    if spec.teacher.model:  # an endpoint teacher is not evaluated locally
+        found.append(Contender("teacher", spec.teacher.model, "scaffold"))
+    found.append(Contender("vanilla", spec.student.model, "bare"))
+    if run is not None:
+        found.append(Contender("distilled", str(run.student_dir), "bare"))
+    return found
+
+
+def prompt_sets(spec: TaskSpec) -> list[str]:
+    """The held-out test split, then every extra eval prompt set of the spec."""
+    return ["split:test", *(f"set:{name}" for name in spec.eval.prompt_sets)]
+
+
+def compare(
+    spec: TaskSpec,
+    run: RunResult | None,
+    limit: int | None = None,
+    latency_prompts: int = 2,
+    sets: list[str] | None = None,
+) -> tuple[list, dict[str, dict]]:
+    """Evaluate every contender on every prompt set (cached in the run dir by input hash).
+
+    Returns (EvalResults, single-stream latency per contender name).
+    """
+    from distiller.evaluate import cached_evaluate, resolve_prompts
+    from distiller.models import load_model
+
+    run_dir = run.run_dir if run is not None else default_run_dir(spec)
+    cache = run_dir / "eval"
+    results, latency = [], {}
+    for who in contenders(spec, run):
+        loaded = None
+        for which in sets or prompt_sets(spec):
+            set_name, prompts = resolve_prompts(spec, which)
+            if not prompts:
+                continue
+            if loaded is None:
+                loaded = load_model(who.model)
+            result = cached_evaluate(
+                who.model,
+                spec,
+                prompts,
+                cache,
+                style=who.style,
+                limit=limit,
+                prompt_set=set_name,
+                name=who.name,
+                loaded=loaded,
+            )
+            results.append(result)
+            if latency_prompts and who.name not in latency:
+                latency[who.name] = _latency(
+                    cache / f"latency-{result.key[:16]}.json",
+                    spec,
+                    who,
+                    prompts,
+                    loaded,
+                    latency_prompts,
+                )
+    return results, latency
+
+
+def _latency(path: Path, spec: TaskSpec, who: Contender, prompts: list, loaded, n: int) -> dict:
+    """Single-stream latency on the first `n` prompts, cached beside the evaluation it goes with."""
+    from distiller.evaluate import measure_latency, render_messages
+    from distiller.generate import chat_prompt
+
+    if path.exists():
+        return json.loads(path.read_text())
+    model, tokenizer = loaded
+    ids = [chat_prompt(tokenizer, render_messages(spec, p, who.style)) for p in prompts[:n]]
+    figures = measure_latency(model, tokenizer, ids, max_tokens=spec.eval.max_tokens).to_dict()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(figures, indent=2))
+    return figures
+
+
+def compare_and_report(run: RunResult, limit: int | None = None) -> int:
+    """Evaluate teacher, vanilla and distilled student; print and write the comparison report."""
+    from distiller.report import build_report, write_reports
+
+    results, latency = compare(run.spec, run, limit=limit)
+    doc, markdown = build_report(results, latency, extra={"run_dir": str(run.run_dir)})
+    out = write_reports(doc, markdown, run.run_dir / "report")
+    print(markdown.split("## Sample outputs")[0])
+    print(f"report: {out / 'latest.md'}")
+    return 0
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("spec", help="task spec (YAML), e.g. fixtures/tasks/structured_cot.yaml")
     parser.add_argument("--out", type=Path, help="run directory (default: runs/<task name>)")
     parser.add_argument(
-        "--limit", type=int, help="use only the first N prompts per split (quick trial runs)"
+        "--limit", type=int, help="use only the first N prompts per stage (quick trial runs)"
     )
     parser.add_argument(
         "--no-eval", action="store_true", help="stop after fusing; skip evaluation and report"
@@ -203,6 +314,4 @@ def run_cli(args: argparse.Namespace) -> int:
     print(f"distilled student: {result.student_dir}")
     if args.no_eval:
         return 0
-    from distiller.comparison import compare_and_report
-
     return compare_and_report(result, limit=args.limit)

@@ -9,6 +9,7 @@ import pytest
 import yaml
 from fake_openai import FakeOpenAI
 
+from distiller.dataset import split_prompts
 from distiller.pipeline import distill
 from distiller.spec import load_spec
 
@@ -66,8 +67,13 @@ def test_run_reuses_unchanged_stages_and_rebuilds_changed_ones(
     first = distill(load_spec(spec_path), run_dir)
     assert not any(stage.reused for stage in first.stages.values())
     assert (first.student_dir / "config.json").exists()
+    # The teacher answers only train and valid prompts: held-out prompts never reach it.
+    spec = load_spec(spec_path)
+    splits = split_prompts(spec.prompts, spec.split)
+    asked = {r["messages"][-1]["content"] for r in teacher_server.requests}
+    assert asked == {p.text for p in (*splits.train, *splits.valid)}
+    assert not asked & {p.text for p in splits.test}
     requests_after_first = len(teacher_server.requests)
-    assert requests_after_first == 12
 
     again = distill(load_spec(spec_path), run_dir)
     assert all(stage.reused for stage in again.stages.values())
