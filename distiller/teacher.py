@@ -153,6 +153,11 @@ def run_teacher(
 
     t = spec.teacher
     prompts = list(spec.prompts if limit is None else spec.prompts[:limit])
+    seen: dict[str, str] = {}
+    for p in prompts:  # sample ids hash the prompt text: two prompts may not share one
+        if p.text in seen:
+            raise UserError(f"prompts {seen[p.text]!r} and {p.id!r} have the same text")
+        seen[p.text] = p.id
     own_backend = backend is None
     backend = backend or make_backend(t)
     config, teacher_field = teacher_config(spec, backend)

@@ -299,3 +299,12 @@ def test_cli_errors_are_one_line(tmp_path):
         )
     assert proc.returncode == 2 and "HTTP 401" in proc.stderr and "Traceback" not in proc.stderr
     assert "sk-should-not-print" not in proc.stderr + proc.stdout
+
+
+def test_duplicate_prompt_texts_are_refused(tmp_path):
+    from types import SimpleNamespace
+
+    spec = load_spec(write_spec(tmp_path / "spec.yaml", "http://127.0.0.1:9", n_prompts=2))
+    dup = SimpleNamespace(**{**spec.__dict__, "prompts": (spec.prompts[0], spec.prompts[0])})
+    with pytest.raises(UserError, match="same text"):
+        run_teacher(dup, tmp_path / "s.jsonl", progress=False)
