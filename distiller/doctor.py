@@ -70,7 +70,7 @@ def diagnose(measure: bool = True) -> DoctorReport:
     import mlx.core as mx
 
     from distiller.device import device_name
-    from distiller.models.registry import cache_dir, list_cached
+    from distiller.models.registry import cache_root, cached_models, dir_size
 
     status = blas.status()
     try:
@@ -89,8 +89,11 @@ def diagnose(measure: bool = True) -> DoctorReport:
         blas_resolved=blas.resolved_cblas_library() if sys.platform.startswith("linux") else None,
         blas_note=status.reason,
         gemm=measure_gemm() if measure else None,
-        cache_dir=str(cache_dir()),
-        cached_models=list_cached(),
+        cache_dir=str(cache_root()),
+        cached_models=[
+            {"name": name, "path": str(path), "size_mb": dir_size(path) / 1e6}
+            for name, path in sorted(cached_models().items())
+        ],
     )
     if status.attempted and not status.ok:
         report.problems.append(f"no optimized BLAS: {blas.FIX_HINT}")
