@@ -118,6 +118,13 @@ def disk_size_mb(model_ref: str | Path) -> float | None:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e6
 
 
+def weight_bytes(model: Any) -> int:
+    """Bytes held by the model's parameters (as loaded: dtype and quantization included)."""
+    from mlx.utils import tree_flatten
+
+    return int(sum(v.nbytes for _, v in tree_flatten(model.parameters())))
+
+
 def count_parameters(model: Any) -> int:
     """Number of weights; quantized matrices count their unpacked elements, not scales/biases."""
     import mlx.core as mx
@@ -310,6 +317,12 @@ def evaluate(
     validator = build_validator(spec.validators)
     ids = [chat_prompt(tokenizer, render_messages(spec, p, style)) for p in prompts]
 
+    import mlx.core as mx
+
+    # Peak memory is process-wide; other models alive in this process (a test session holds
+    # several) must not count against this one: weights + what generation adds on top.
+    mx.eval(model.parameters())
+    active_before = mx.get_active_memory()
     bar = None
     if progress and prompts:
         from tqdm import tqdm
@@ -366,8 +379,10 @@ def evaluate(
         "decode_tps": stats.decode_tps,
         "generation_tps": stats.generation_tps,
         "wall_s": stats.wall_time,
-        "peak_memory_mb": stats.peak_memory_gb * 1e3,
+        "peak_memory_mb": (weight_bytes(model) + max(0, mx.get_peak_memory() - active_before))
+        / 1e6,
         "params": count_parameters(model),
+        "weights_mb": weight_bytes(model) / 1e6,
         "disk_mb": disk_size_mb(model_ref),
         "max_tokens": max_tokens,
         "batch_size": batch_size,
@@ -483,6 +498,7 @@ def measure_latency(
         raise ValueError("measure_latency needs at least one prompt")
     for p in prompts[:warmup]:
         generate_one(model, tokenizer, p, max_tokens=min(max_tokens, 8))
+    active_before = mx.get_active_memory()
     mx.reset_peak_memory()
     gens = []
     for p in prompts:
@@ -498,7 +514,7 @@ def measure_latency(
         prefill_tps=statistics.fmean(g.prompt_tps for g, _ in gens),
         decode_tps=statistics.fmean(g.generation_tps for g, _ in gens),
         mean_output_tokens=tokens / len(gens),
-        peak_memory_mb=mx.get_peak_memory() / 1e6,
+        peak_memory_mb=(weight_bytes(model) + max(0, mx.get_peak_memory() - active_before)) / 1e6,
         per_sample_ms=ms,
     )
 

@@ -1,0 +1,97 @@
+"""Quality gate: task metrics (accuracy, macro-F1, field accuracy, token F1) per model.
+
+Thresholds in ``eval.thresholds`` other than format/section rates name task metrics; they apply
+to the distilled student. Against the baseline, a task metric (a mean of per-sample scores in
+[0, 1]) is tested like a rate of round(value * n) successes in n: a mean of [0, 1] scores varies
+no more than a Bernoulli rate with the same mean, so the test is conservative, never jumpy.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from distiller.metrics import rate
+from distiller.pytest_plugin import check_baseline, check_threshold, fail_with_samples, models
+
+pytestmark = pytest.mark.quality
+
+RATE_THRESHOLDS = ("format_rate", "section_rate")
+
+
+def _metric_rate(value: float, n: int):
+    return rate(max(0, min(n, round(value * n))), n)
+
+
+@models("distilled")
+def test_task_metrics_meet_thresholds(
+    distiller, distiller_task, distiller_prompt_set, distiller_model
+):
+    spec = distiller.spec(distiller_task)
+    wanted = {k: v for k, v in spec.eval.thresholds.items() if k not in RATE_THRESHOLDS}
+    if not wanted:
+        pytest.skip(f"{spec.name}: eval.thresholds names no task metric")
+    result = distiller.evaluate(distiller_model, distiller_prompt_set, distiller_task)
+    task = result.metrics["task"]
+    problems = []
+    for name, threshold in wanted.items():
+        value = task.get(name)
+        if not isinstance(value, (int, float)):
+            have = ", ".join(k for k, v in task.items() if isinstance(v, (int, float))) or "none"
+            problems.append(
+                f"{spec.name}: threshold on {name!r}, a metric this task lacks ({have})"
+            )
+            continue
+        problems.append(
+            check_threshold(result, name, _metric_rate(value, result.metrics["n"]), threshold)
+        )
+    fail_with_samples(result, problems)
+
+
+def test_task_metrics_no_regression(
+    distiller, distiller_task, distiller_prompt_set, distiller_model
+):
+    result = distiller.evaluate(distiller_model, distiller_prompt_set, distiller_task)
+    if distiller.options.update_baseline:
+        pytest.skip("--distiller-update-baseline: this run's figures become the baseline")
+    entry = distiller.baseline_entry(result.task, result.prompt_set, result.model)
+    if entry is None:
+        pytest.skip(f"no baseline entry for {result.task}/{result.prompt_set}/{result.model}")
+    base_metrics = entry.get("task_metrics", {})
+    n = result.metrics["n"]
+    shared = [
+        k
+        for k, v in result.metrics["task"].items()
+        if k in base_metrics and isinstance(v, (int, float))
+    ]
+    if not shared:
+        pytest.skip(f"{result.task}: no task metrics to compare")
+    problems = []
+    for name in shared:
+        base_n = int(entry.get("n") or 0)
+        base = _metric_rate(float(base_metrics[name]), base_n) if base_n else None
+        new = _metric_rate(float(result.metrics["task"][name]), n)
+        problems.append(
+            check_baseline(
+                result, name, new, base and {"k": base.k, "n": base.n}, distiller.options.alpha
+            )
+        )
+    fail_with_samples(result, problems)
+
+
+def test_distilled_not_worse_than_vanilla(distiller, distiller_task, distiller_prompt_set):
+    chosen = distiller.options.models
+    if not {"vanilla", "distilled"} <= set(chosen):
+        pytest.skip("needs both vanilla and distilled in --distiller-models")
+    from distiller.pytest_plugin import check_baseline as significantly_below
+
+    vanilla = distiller.evaluate("vanilla", distiller_prompt_set, distiller_task)
+    distilled = distiller.evaluate("distilled", distiller_prompt_set, distiller_task)
+    v = vanilla.format_rate
+    problem = significantly_below(
+        distilled,
+        "format rate vs the vanilla student",
+        distilled.format_rate,
+        {"k": v.k, "n": v.n},
+        distiller.options.alpha,
+    )
+    fail_with_samples(distilled, [problem])
