@@ -193,3 +193,26 @@ def test_tiny_model_factory_custom_layers(tiny_model_factory):
     assert path == tiny_model_factory(num_hidden_layers=4)  # cached per session
     model, _ = load(str(path))
     assert len(model.layers) == 4
+
+
+def test_matches_llamacpp_tokenization(raw_tokenizer):
+    """Token ids llama.cpp produced on the original GGUF (scripts/record_llamacpp_reference.py)."""
+    data = np.load(REFERENCE, allow_pickle=False)
+    prompts = json.loads(str(data["prompts"]))
+    assert len(prompts) >= 5
+    for i, prompt in enumerate(prompts):
+        got = raw_tokenizer.encode(prompt, add_special_tokens=False).ids
+        assert got == data[f"ids_{i}"].tolist(), f"prompt {i} {prompt[:40]!r}"
+
+
+@pytest.mark.real_model
+def test_fixture_is_what_the_real_gguf_converts_to(tmp_path):
+    """The committed fixture equals a fresh conversion of the real GGUF."""
+    from distiller.models.registry import cached_gguf, pull
+
+    pull("smollm2-135m-instruct", log=lambda m: None)
+    gguf_path = cached_gguf("smollm2-135m-instruct")
+    assert gguf_path is not None
+    convert_tokenizer(gguf_path, tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        assert (tmp_path / name).read_bytes() == (FIXTURE_TOKENIZER / name).read_bytes(), name
