@@ -87,7 +87,8 @@ def test_pull_is_idempotent_and_atomic(fake_entry, home):
     # asking for the other variant replaces the dir in one rename
     registry.pull("tiny-test", keep_quantized=True, progress=False, log=logs.append)
     assert registry.manifest(path)["keep_quantized"] is True
-    assert json.loads((path / "config.json").read_text())["quantization"]["bits"] == 4
+    quantization = json.loads((path / "config.json").read_text())["quantization"]
+    assert quantization["model.layers.0.self_attn.q_proj"]["bits"] == 4
     assert sorted(p.name for p in (home / "models").iterdir()) == [".tiny-test.lock", "tiny-test"]
 
 

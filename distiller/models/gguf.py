@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -332,8 +333,9 @@ def convert_gguf(
 
     if quant:
         # The most common setting is the default; every quantized module is also listed by path.
-        settings = [json.dumps(v, sort_keys=True) for v in quant.values()]
-        default = json.loads(max(set(settings), key=settings.count))
+        # (ties go to the setting seen first, so the output is deterministic)
+        settings = Counter(json.dumps(v, sort_keys=True) for v in quant.values())
+        default = json.loads(settings.most_common(1)[0][0])
         config["quantization"] = {**default, **quant}
         config["quantization_config"] = config["quantization"]
 
