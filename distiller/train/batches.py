@@ -102,7 +102,32 @@ def collate(examples: list[Example], pad_to: int = 32) -> dict[str, np.ndarray]:
         # target position j predicts token j+1, which is supervised iff j+1 >= offset.
         mask[i, max(e.offset - 1, 0) : n] = 1.0
         lengths[i] = n
-    return {"inputs": inputs, "targets": targets, "mask": mask, "lengths": lengths}
+    return {
+        "inputs": inputs,
+        "targets": targets,
+        "mask": mask,
+        "lengths": lengths,
+        **select(mask, pad_to),
+    }
+
+
+def select(mask: np.ndarray, pad_to: int = 32) -> dict[str, np.ndarray]:
+    """Flat indices of the supervised positions, so the vocabulary projection and softmax
+    (the costliest part of a small model's step) run only where a loss is taken.
+
+    ``sel`` (N,) indexes the flattened (B*L) positions, padded to a multiple of ``pad_to`` with
+    position 0 and ``sel_mask`` 0; ``sel_rows`` (B, N) maps each selected position to its row
+    (for per-sequence sums, e.g. DPO log-probabilities).
+    """
+    flat = np.flatnonzero(mask.reshape(-1) > 0).astype(np.int32)
+    width = _pad_len(len(flat), pad_to)
+    sel = np.zeros(width, np.int32)
+    sel[: len(flat)] = flat
+    sel_mask = np.zeros(width, np.float32)
+    sel_mask[: len(flat)] = 1.0
+    rows = np.zeros((mask.shape[0], width), np.float32)
+    rows[flat // mask.shape[1], np.arange(len(flat))] = 1.0
+    return {"sel": sel, "sel_mask": sel_mask, "sel_rows": rows}
 
 
 def collate_pairs(pairs: list[tuple[Example, Example]], pad_to: int = 32) -> dict[str, np.ndarray]:

@@ -95,8 +95,13 @@ def logit_kd_loss(
     divergence: str = "kl",
     student_hidden: list[mx.array] | None = None,
     teacher_hidden: list[mx.array] | None = None,
+    hidden_mask: mx.array | None = None,
 ) -> tuple[mx.array, mx.array]:
-    """alpha * CE(student, data) + beta * divergence(teacher, student) + gamma * hidden MSE."""
+    """alpha * CE(student, data) + beta * divergence(teacher, student) + gamma * hidden MSE.
+
+    ``hidden_mask`` masks the hidden states when they are laid out differently from the logits
+    (e.g. logits gathered at supervised positions, hidden states still (B, L, D)).
+    """
     ce, ntoks = masked_cross_entropy(student_logits, targets, mask)
     loss = alpha * ce
     if beta:
@@ -104,14 +109,19 @@ def logit_kd_loss(
             teacher_logits, student_logits, mask, temperature, divergence
         )
     if gamma:
-        loss = loss + gamma * hidden_mse(student_hidden or [], teacher_hidden or [], mask)
+        hmask = mask if hidden_mask is None else hidden_mask
+        loss = loss + gamma * hidden_mse(student_hidden or [], teacher_hidden or [], hmask)
     return loss, ntoks
+
+
+def token_logprobs(logits: mx.array, targets: mx.array) -> mx.array:
+    """log p(target) per position."""
+    return -nn.losses.cross_entropy(logits.astype(mx.float32), targets)
 
 
 def sequence_logprobs(logits: mx.array, targets: mx.array, mask: mx.array) -> mx.array:
     """Sum of log p(target) over the supervised tokens of each sequence: shape (B,)."""
-    logp = -nn.losses.cross_entropy(logits.astype(mx.float32), targets)
-    return (logp * mask).sum(-1)
+    return (token_logprobs(logits, targets) * mask).sum(-1)
 
 
 def dpo_loss(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -129,10 +130,22 @@ def _backbone(model: nn.Module) -> nn.Module:
     return inner
 
 
+def split_model(model: nn.Module) -> tuple[Callable, Callable] | None:
+    """(backbone, head) of a llama-style model: ``model(x) == head(backbone(x))``; else None."""
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "embed_tokens") or not hasattr(inner, "norm"):
+        return None
+    if hasattr(model, "lm_head"):
+        return inner, model.lm_head
+    return inner, inner.embed_tokens.as_linear
+
+
 def forward_with_hidden(
     model: nn.Module, inputs: mx.array, layer_ids: list[int]
 ) -> tuple[mx.array, list[mx.array]]:
-    """Logits plus the output hidden state of each block in ``layer_ids`` (same order).
+    """Final (normed) hidden state plus the output of each block in ``layer_ids`` (same order).
+
+    Apply the head (``split_model(model)[1]``) to the first to get logits.
 
     Re-runs the llama-style forward (embed -> blocks -> norm -> head) by hand so intermediate
     states are available without hooks; with no cache the mask is plain causal.
@@ -152,5 +165,4 @@ def forward_with_hidden(
         if i in wanted:
             wanted[i] = h
     h = inner.norm(h)
-    logits = model.lm_head(h) if hasattr(model, "lm_head") else inner.embed_tokens.as_linear(h)
-    return logits, [wanted[i] for i in layer_ids]
+    return h, [wanted[i] for i in layer_ids]

@@ -4,7 +4,7 @@ Layout of ``out_dir`` (the adapter directory ``mlx_lm.load(base, adapter_path=ou
   adapters.safetensors, adapter_config.json  best adapter so far (lowest validation loss)
   metrics.csv, metrics.json                  one row per report step
   train_result.json                          summary written when the run ends
-  checkpoint/state.json                      last checkpoint: step, RNG, early-stopping state
+  checkpoint/state.json                      last checkpoint: step, early-stopping state, metrics
   checkpoint/step-N.{weights,optimizer}.safetensors
 A checkpoint is valid only once state.json (written last, atomically) names its step, so a
 kill at any moment leaves either the previous or the new checkpoint, never a mix.
@@ -62,7 +62,9 @@ class TrainConfig:
     seed: int = 0
     grad_accumulation: int = 1
     pad_to: int = 32
-    compile: bool = True
+    # None = on for GPUs, off on CPU: there mx.compile measured no faster (MLX's CPU
+    # elementwise kernels stay scalar) and JIT-compiling each new batch shape costs seconds.
+    compile: bool | None = None
     full_finetune: bool = False
     # logit-kd
     alpha: float = 0.5
@@ -206,9 +208,32 @@ def check_same_vocabulary(
 # ---------------------------------------------------------------------------- losses
 
 
+def selected_logits(
+    model: nn.Module, batch: dict[str, mx.array], hidden: mx.array | None = None
+) -> mx.array:
+    """Logits (N, V) at the supervised positions ``batch["sel"]`` only.
+
+    For llama-style models the head runs on the gathered hidden states, which skips the
+    vocabulary projection + softmax for prompt and padding tokens (most of a short-answer
+    batch). ``hidden``: the backbone output, when the caller already has it.
+    """
+    parts = S.split_model(model)
+    if parts is None:
+        logits = model(batch["inputs"])
+        return logits.reshape(-1, logits.shape[-1])[batch["sel"]]
+    backbone, head = parts
+    h = backbone(batch["inputs"]) if hidden is None else hidden
+    return head(h.reshape(-1, h.shape[-1])[batch["sel"]])
+
+
+def selected_targets(batch: dict[str, mx.array]) -> mx.array:
+    return batch["targets"].reshape(-1)[batch["sel"]]
+
+
 def sft_loss(model: nn.Module, batch: dict[str, mx.array]) -> tuple[mx.array, mx.array]:
-    logits = model(batch["inputs"])
-    return L.masked_cross_entropy(logits, batch["targets"], batch["mask"])
+    """Masked next-token cross-entropy on the assistant tokens (sft and seq-kd)."""
+    logits = selected_logits(model, batch)
+    return L.masked_cross_entropy(logits, selected_targets(batch), batch["sel_mask"])
 
 
 def make_kd_loss(teacher: nn.Module, cfg: TrainConfig, layer_map: dict[int, int]) -> Callable:
@@ -217,19 +242,20 @@ def make_kd_loss(teacher: nn.Module, cfg: TrainConfig, layer_map: dict[int, int]
     use_hidden = bool(cfg.gamma) and bool(s_ids)
 
     def kd_loss(model, batch):
-        inputs = batch["inputs"]
         if use_hidden:
-            s_logits, s_hidden = S.forward_with_hidden(model, inputs, s_ids)
-            t_logits, t_hidden = S.forward_with_hidden(teacher, inputs, t_ids)
+            hs, s_hidden = S.forward_with_hidden(model, batch["inputs"], s_ids)
+            ht, t_hidden = S.forward_with_hidden(teacher, batch["inputs"], t_ids)
+            s_logits = selected_logits(model, batch, hs)
+            t_logits = selected_logits(teacher, batch, ht)
             t_hidden = [mx.stop_gradient(h) for h in t_hidden]
         else:
-            s_logits, s_hidden = model(inputs), []
-            t_logits, t_hidden = teacher(inputs), []
+            s_logits, s_hidden = selected_logits(model, batch), []
+            t_logits, t_hidden = selected_logits(teacher, batch), []
         return L.logit_kd_loss(
             s_logits,
             mx.stop_gradient(t_logits),
-            batch["targets"],
-            batch["mask"],
+            selected_targets(batch),
+            batch["sel_mask"],
             alpha=cfg.alpha,
             beta=cfg.beta,
             gamma=cfg.gamma if use_hidden else 0.0,
@@ -237,17 +263,24 @@ def make_kd_loss(teacher: nn.Module, cfg: TrainConfig, layer_map: dict[int, int]
             divergence=cfg.divergence,
             student_hidden=s_hidden,
             teacher_hidden=t_hidden,
+            hidden_mask=batch["mask"],
         )
 
     return kd_loss
 
 
+def pair_logprobs(model: nn.Module, batch: dict[str, mx.array]) -> mx.array:
+    """Summed answer log-probabilities per sequence (2B,): chosen rows, then rejected rows."""
+    logp = L.token_logprobs(selected_logits(model, batch), selected_targets(batch))
+    return batch["sel_rows"] @ (logp * batch["sel_mask"])
+
+
 def make_dpo_loss(beta: float) -> Callable:
     def dpo(model, batch):
-        lp = L.sequence_logprobs(model(batch["inputs"]), batch["targets"], batch["mask"])
+        lp = pair_logprobs(model, batch)
         n = lp.shape[0] // 2
         loss, _ = L.dpo_loss(lp[:n], lp[n:], batch["ref_chosen"], batch["ref_rejected"], beta)
-        return loss, batch["mask"].sum()
+        return loss, batch["sel_mask"].sum()
 
     return dpo
 
@@ -256,8 +289,13 @@ def make_dpo_loss(beta: float) -> Callable:
 
 
 def _to_mx(batch: dict[str, Any]) -> dict[str, mx.array]:
+    """Arrays for the step; a hand-made {inputs, targets, mask} batch gets its ``sel`` keys."""
+    if "sel" not in batch:
+        batch = {**batch, **B.select(np.asarray(batch["mask"]), 32)}
     # lengths only feed the tokens/s count; keeping them out of the step avoids recompiles.
-    return {k: mx.array(v) for k, v in batch.items() if k != "lengths"}
+    return {
+        k: v if isinstance(v, mx.array) else mx.array(v) for k, v in batch.items() if k != "lengths"
+    }
 
 
 def make_train_step(
@@ -367,8 +405,7 @@ def save_checkpoint(out_dir: Path, step: int, model, optimizer, extra: dict) -> 
     LR.atomic_save_safetensors(
         d / f"step-{step}.optimizer.safetensors", dict(tree_flatten(optimizer.state))
     )
-    rng = np.array(mx.random.state[0]).tolist()
-    state = {"step": step, "rng": rng, **extra}
+    state = {"step": step, **extra}
     LR.atomic_write_text(d / "state.json", json.dumps(state) + "\n")
     # Older checkpoints are garbage only once state.json points at the new one.
     for f in d.glob("step-*.safetensors"):
@@ -387,7 +424,6 @@ def load_checkpoint(out_dir: Path, model, optimizer) -> dict | None:
     )
     opt_state = mx.load(str(d / f"step-{step}.optimizer.safetensors"))
     optimizer.state = tree_unflatten(list(opt_state.items()))
-    mx.random.state[0] = mx.array(np.array(state["rng"], dtype=np.uint32))
     mx.eval(model.parameters(), optimizer.state)
     return state
 
@@ -447,7 +483,7 @@ def _reference_logprobs(model, pairs, cfg) -> tuple[np.ndarray, np.ndarray]:
     ch, rj = np.zeros(len(pairs), np.float32), np.zeros(len(pairs), np.float32)
     for i in range(0, len(pairs), cfg.batch_size):
         b = _to_mx(B.collate_pairs(pairs[i : i + cfg.batch_size], cfg.pad_to))
-        lp = L.sequence_logprobs(model(b["inputs"]), b["targets"], b["mask"])
+        lp = pair_logprobs(model, b)
         n = lp.shape[0] // 2
         ch[i : i + n], rj[i : i + n] = np.array(lp[:n]), np.array(lp[n:])
     model.train()
@@ -573,6 +609,10 @@ def train(
         for f in _ckpt_dir(out_dir).iterdir():
             f.unlink()
 
+    if cfg.compile is None:
+        from distiller.device import on_cpu
+
+        cfg.compile = not on_cpu()
     step_fn = make_train_step(
         model,
         optimizer,
@@ -614,6 +654,9 @@ def train(
                     )
                     for j in range(accum)
                 ]
+                # Dropout randomness is a function of (seed, step), so a resumed run draws
+                # exactly what an uninterrupted one would (MLX cannot restore a saved key).
+                mx.random.seed(cfg.seed * 1_000_003 + step)
                 tic = time.perf_counter()
                 loss = step_fn(*micro)
                 window_time += time.perf_counter() - tic
