@@ -5,8 +5,11 @@ on CPU, batch 4 x 128 tokens, LoRA r=8 on all 7 projections, loss on every token
 --model it loads real weights (speed does not depend on the weight values; without --model the
 same architecture is built with random weights so the benchmark needs no download).
 
-  .venv/bin/python scripts/bench_train.py                 # compiled step
-  .venv/bin/python scripts/bench_train.py --no-compile    # plain step, for comparison
+  .venv/bin/python scripts/bench_train.py                   # the trainer's default step
+  .venv/bin/python scripts/bench_train.py --compile         # mx.compile'd step, for comparison
+  .venv/bin/python scripts/bench_train.py --supervised 0.5  # half the tokens are (masked) prompt
+
+tokens/s counts every token of the batch (B x L), supervised or not.
 """
 
 from __future__ import annotations
@@ -50,13 +53,19 @@ def build_model(model: str | None):
     return m
 
 
-def fixed_batch(batch_size: int, seq_len: int, vocab: int, seed: int = 0) -> dict:
+def fixed_batch(
+    batch_size: int, seq_len: int, vocab: int, seed: int = 0, supervised: float = 1.0
+) -> dict:
+    """Random tokens; the last ``supervised`` fraction of each row carries the loss (the
+    answer), the rest is prompt (masked)."""
     rng = np.random.default_rng(seed)
     toks = rng.integers(0, vocab, size=(batch_size, seq_len + 1), dtype=np.int32)
+    mask = np.zeros((batch_size, seq_len), np.float32)
+    mask[:, seq_len - round(seq_len * supervised) :] = 1.0
     return {
         "inputs": toks[:, :-1],
         "targets": toks[:, 1:],
-        "mask": np.ones((batch_size, seq_len), np.float32),
+        "mask": mask,
         "lengths": np.full((batch_size,), seq_len, np.int32),
     }
 
@@ -84,12 +93,22 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--no-compile", action="store_true")
+    p.add_argument(
+        "--compile", action="store_true", help="mx.compile the step (default off on CPU)"
+    )
+    p.add_argument(
+        "--supervised",
+        type=float,
+        default=1.0,
+        help="fraction of each row that is answer (has loss); 1.0 = loss on every token",
+    )
     args = p.parse_args()
 
     model = build_model(args.model)
-    step = build_step(model, args.rank, compile=not args.no_compile)
-    batch = fixed_batch(args.batch_size, args.seq_len, model.args.vocab_size)
+    step = build_step(model, args.rank, compile=args.compile)
+    batch = fixed_batch(
+        args.batch_size, args.seq_len, model.args.vocab_size, supervised=args.supervised
+    )
     for _ in range(args.warmup):
         step(batch)
     times = []
@@ -100,7 +119,8 @@ def main() -> None:
     toks = args.batch_size * args.seq_len
     med = statistics.median(times)
     print(
-        f"compile={not args.no_compile} batch={args.batch_size}x{args.seq_len} r={args.rank}: "
+        f"compile={args.compile} batch={args.batch_size}x{args.seq_len} r={args.rank} "
+        f"supervised={args.supervised}: "
         f"median step {med * 1000:.0f} ms, {toks / med:.1f} tok/s "
         f"(best {toks / min(times):.1f}, mean {toks * len(times) / sum(times):.1f}); "
         f"loss {loss.item():.3f}; peak mem {mx.get_peak_memory() / 2**30:.2f} GiB"

@@ -279,3 +279,39 @@ def test_token_stats_with_tokenizer(tmp_path):
     assert (
         st_["min"] > 0 and st_["max"] >= st_["median"] >= st_["min"] and not math.isnan(st_["mean"])
     )
+
+
+def test_files_train_with_plain_mlx_lm_lora(tmp_path, tiny_model_dir):
+    import subprocess
+    import sys
+
+    spec = load_spec(REPO / "fixtures" / "tasks" / "label_ranking.yaml")
+    _write_store(tmp_path / "s.jsonl", spec)
+    prepare_dataset(spec, tmp_path / "s.jsonl", tmp_path / "ds", tokenizer=None)
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlx_lm",
+        "lora",
+        "--model",
+        str(tiny_model_dir),
+        "--train",
+        "--data",
+        str(tmp_path / "ds"),
+        "--iters",
+        "2",
+        "--batch-size",
+        "2",
+        "--num-layers",
+        "2",
+        "--val-batches",
+        "1",
+        "--steps-per-eval",
+        "2",
+        "--mask-prompt",
+        "--adapter-path",
+        str(tmp_path / "ad"),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "ad" / "adapters.safetensors").exists()

@@ -14,6 +14,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from mlx_lm import load
 
 from distiller.errors import UserError
@@ -78,6 +80,14 @@ def test_mask_covers_exactly_the_assistant_answer(tiny_model_dir):
     assert "What is" not in text
     n = int(b["lengths"][0])
     assert b["mask"][0, n:].sum() == 0  # padding is never supervised
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(0, 100_000))
+def test_bucket_bounds_padding(n):
+    b = B.bucket(n)
+    assert b >= n and b % 32 == 0
+    assert b - n <= max(32, n // 4)
 
 
 def test_batches_sorted_and_order_deterministic():

@@ -107,20 +107,30 @@ def collate(examples: list[Example], pad_to: int = 32) -> dict[str, np.ndarray]:
         "targets": targets,
         "mask": mask,
         "lengths": lengths,
-        **select(mask, pad_to),
+        **select(mask),
     }
 
 
-def select(mask: np.ndarray, pad_to: int = 32) -> dict[str, np.ndarray]:
+def bucket(n: int, minimum: int = 32) -> int:
+    """Round ``n`` up to a multiple of max(minimum, 2**(bits(n) - 3)): at most
+    max(minimum, n / 4) padding rows and few distinct shapes (each costs a recompile)."""
+    if n <= minimum:
+        return minimum
+    step = max(minimum, 1 << max(0, n.bit_length() - 3))
+    return step * ((n + step - 1) // step)
+
+
+def select(mask: np.ndarray, pad_to: int | None = None) -> dict[str, np.ndarray]:
     """Flat indices of the supervised positions, so the vocabulary projection and softmax
     (the costliest part of a small model's step) run only where a loss is taken.
 
-    ``sel`` (N,) indexes the flattened (B*L) positions, padded to a multiple of ``pad_to`` with
+    ``sel`` (N,) indexes the flattened (B*L) positions, padded (to a ``bucket`` size, or a
+    multiple of ``pad_to``) with
     position 0 and ``sel_mask`` 0; ``sel_rows`` (B, N) maps each selected position to its row
     (for per-sequence sums, e.g. DPO log-probabilities).
     """
     flat = np.flatnonzero(mask.reshape(-1) > 0).astype(np.int32)
-    width = _pad_len(len(flat), pad_to)
+    width = _pad_len(len(flat), pad_to) if pad_to else bucket(len(flat))
     sel = np.zeros(width, np.int32)
     sel[: len(flat)] = flat
     sel_mask = np.zeros(width, np.float32)

@@ -62,9 +62,9 @@ class TrainConfig:
     seed: int = 0
     grad_accumulation: int = 1
     pad_to: int = 32
-    # None = on for GPUs, off on CPU: there mx.compile measured no faster (MLX's CPU
-    # elementwise kernels stay scalar) and JIT-compiling each new batch shape costs seconds.
-    compile: bool | None = None
+    # mx.compile the step: 118 vs 104 tok/s on CPU (scripts/bench_train.py); each new batch
+    # shape costs one trace, so batch lengths are padded to few distinct shapes.
+    compile: bool = True
     full_finetune: bool = False
     # logit-kd
     alpha: float = 0.5
@@ -291,7 +291,7 @@ def make_dpo_loss(beta: float) -> Callable:
 def _to_mx(batch: dict[str, Any]) -> dict[str, mx.array]:
     """Arrays for the step; a hand-made {inputs, targets, mask} batch gets its ``sel`` keys."""
     if "sel" not in batch:
-        batch = {**batch, **B.select(np.asarray(batch["mask"]), 32)}
+        batch = {**batch, **B.select(np.asarray(batch["mask"]))}
     # lengths only feed the tokens/s count; keeping them out of the step avoids recompiles.
     return {
         k: v if isinstance(v, mx.array) else mx.array(v) for k, v in batch.items() if k != "lengths"
@@ -609,10 +609,6 @@ def train(
         for f in _ckpt_dir(out_dir).iterdir():
             f.unlink()
 
-    if cfg.compile is None:
-        from distiller.device import on_cpu
-
-        cfg.compile = not on_cpu()
     step_fn = make_train_step(
         model,
         optimizer,
