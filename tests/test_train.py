@@ -180,6 +180,17 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir)
     steps = [row["step"] for row in json.loads((out / "metrics.json").read_text())]
     assert steps == list(range(10, 81, 10))  # continuous: no gap, no repeat
 
+    # a checkpoint is not silently reused by a run with other settings
+    other = write_spec(
+        tmp_path / "o.yaml",
+        tiny_model_dir,
+        route="sft",
+        lora="{rank: 4, alpha: 8}",
+        train=train_cfg.replace("1.0e-3", "2.0e-3"),
+    )
+    with pytest.raises(UserError, match="different run"):
+        train(load_spec(other), ds, out, progress=False)
+
     ref = train(load_spec(spec_path), ds, tmp_path / "straight", progress=False)
     a = mx.load(str(out / "adapters.safetensors"))
     b = mx.load(str(tmp_path / "straight" / "adapters.safetensors"))

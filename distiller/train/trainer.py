@@ -135,43 +135,17 @@ def config_from_spec(spec: Any) -> TrainConfig:
 
 
 def load_model(name_or_path: str) -> tuple[nn.Module, Any]:
-    """distiller.models.load_model when present (names from the model cache), else mlx_lm.load."""
-    try:
-        from distiller.models import load_model as _load
-    except ImportError:
-        from mlx_lm import load as _load
-    try:
-        model, tokenizer = _load(str(name_or_path))
-    except (FileNotFoundError, OSError, ValueError) as exc:
-        raise UserError(f"cannot load model {name_or_path!r}: {exc}") from None
-    from distiller.device import compute_dtype
+    """(model, tokenizer) via distiller.models (registry names, compute dtype, quantized kept)."""
+    from distiller.models import load_model as _load
 
-    # CPU trains in float32 (BLAS); GPUs keep half precision. Quantized weights stay as they are.
-    model.set_dtype(compute_dtype(_float_dtype(model)))
-    return model, tokenizer
-
-
-def _float_dtype(model: nn.Module) -> mx.Dtype | None:
-    for _, v in tree_flatten(model.parameters()):
-        if mx.issubdtype(v.dtype, mx.floating):
-            return v.dtype
-    return None
+    return _load(str(name_or_path))
 
 
 def model_path(name_or_path: str) -> str:
-    """A local directory for ``name_or_path`` (cache names resolved by distiller.models)."""
-    p = Path(name_or_path)
-    if p.is_dir():
-        return str(p)
-    try:
-        from distiller import models
+    """A local model directory for a registry name, cached import or path."""
+    from distiller.models import resolve_model
 
-        for fn in ("model_path", "resolve_model", "resolve", "path"):
-            if hasattr(models, fn):
-                return str(getattr(models, fn)(name_or_path))
-    except ImportError:
-        pass
-    raise UserError(f"model {name_or_path!r} is not a local directory")
+    return str(resolve_model(str(name_or_path)))
 
 
 def _vocab(tokenizer: Any) -> dict[str, int]:
@@ -477,6 +451,17 @@ def _prepare_student(spec: Any, cfg: TrainConfig, out_dir: Path) -> tuple[str, l
     return str(student_dir), kept
 
 
+def _run_key(cfg: TrainConfig, adapter_cfg: dict, dataset_dir: Path) -> str:
+    import hashlib
+
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("compile", "steps_per_report")}
+    h = hashlib.sha256(json.dumps([settings, adapter_cfg], sort_keys=True, default=str).encode())
+    for f in sorted(dataset_dir.glob("*.jsonl")):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def _reference_logprobs(model, pairs, cfg) -> tuple[np.ndarray, np.ndarray]:
     """Sequence log-probs of chosen/rejected under the frozen reference (the untrained model)."""
     model.eval()
@@ -599,6 +584,18 @@ def train(
         False,
         None,
     )
+    # A checkpoint only continues the run that wrote it: same settings, same data.
+    run_key = _run_key(cfg, adapter_cfg, dataset_dir)
+    state_file = _ckpt_dir(out_dir) / "state.json"
+    if (
+        resume
+        and state_file.exists()
+        and json.loads(state_file.read_text()).get("run_key") != run_key
+    ):
+        raise UserError(
+            f"{out_dir}: holds a checkpoint of a different run (training settings or data "
+            "changed); use another output dir, or --no-resume to start over"
+        )
     state = load_checkpoint(out_dir, model, optimizer) if resume else None
     if state is not None:
         step, resumed_from = state["step"], state["step"]
@@ -626,6 +623,7 @@ def train(
             "stopped": stopped,
             "metrics": rows,
             "total_steps": total_steps,
+            "run_key": run_key,
         }
 
     from tqdm import tqdm
