@@ -238,7 +238,11 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 def _length_stats(values: list[int]) -> dict[str, float] | None:
     if not values:
         return None
-    q = statistics.quantiles(values, n=20) if len(values) > 1 else [values[0]] * 19
+    q = (
+        statistics.quantiles(values, n=20, method="inclusive")
+        if len(values) > 1
+        else [values[0]] * 19
+    )
     return {
         "min": min(values),
         "mean": round(statistics.fmean(values), 2),
@@ -253,7 +257,7 @@ def _load_tokenizer(name_or_path: str) -> tuple[Any, str | None]:
     try:
         from distiller.train.trainer import model_path
 
-        path = model_path(name_or_path)
+        path = model_path(name_or_path, pull=False)  # stats only: never trigger a pull
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(path), None

@@ -279,6 +279,7 @@ def test_token_stats_with_tokenizer(tmp_path):
     assert (
         st_["min"] > 0 and st_["max"] >= st_["median"] >= st_["min"] and not math.isnan(st_["mean"])
     )
+    assert st_["min"] <= st_["p95"] <= st_["max"]
 
 
 def test_files_train_with_plain_mlx_lm_lora(tmp_path, tiny_model_dir):

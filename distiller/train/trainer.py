@@ -141,11 +141,11 @@ def load_model(name_or_path: str) -> tuple[nn.Module, Any]:
     return _load(str(name_or_path))
 
 
-def model_path(name_or_path: str) -> str:
+def model_path(name_or_path: str, pull: bool = True) -> str:
     """A local model directory for a registry name, cached import or path."""
     from distiller.models import resolve_model
 
-    return str(resolve_model(str(name_or_path)))
+    return str(resolve_model(str(name_or_path), pull=pull))
 
 
 def _vocab(tokenizer: Any) -> dict[str, int]:
