@@ -5,8 +5,8 @@ on CPU, batch 4 x 128 tokens, LoRA r=8 on all 7 projections, loss on every token
 --model it loads real weights (speed does not depend on the weight values; without --model the
 same architecture is built with random weights so the benchmark needs no download).
 
-  .venv/bin/python scripts/bench_train.py                   # the trainer's default step
-  .venv/bin/python scripts/bench_train.py --compile         # mx.compile'd step, for comparison
+  .venv/bin/python scripts/bench_train.py                   # the trainer's step (compiled)
+  .venv/bin/python scripts/bench_train.py --no-compile      # plain step, for comparison
   .venv/bin/python scripts/bench_train.py --supervised 0.5  # half the tokens are (masked) prompt
 
 tokens/s counts every token of the batch (B x L), supervised or not.
@@ -105,7 +105,7 @@ def main() -> None:
     args = p.parse_args()
 
     model = build_model(args.model)
-    step = build_step(model, args.rank, compile=args.compile)
+    step = build_step(model, args.rank, compile=not args.no_compile)
     batch = fixed_batch(
         args.batch_size, args.seq_len, model.args.vocab_size, supervised=args.supervised
     )
@@ -119,7 +119,7 @@ def main() -> None:
     toks = args.batch_size * args.seq_len
     med = statistics.median(times)
     print(
-        f"compile={args.compile} batch={args.batch_size}x{args.seq_len} r={args.rank} "
+        f"compile={not args.no_compile} batch={args.batch_size}x{args.seq_len} r={args.rank} "
         f"supervised={args.supervised}: "
         f"median step {med * 1000:.0f} ms, {toks / med:.1f} tok/s "
         f"(best {toks / min(times):.1f}, mean {toks * len(times) / sum(times):.1f}); "

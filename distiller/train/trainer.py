@@ -6,21 +6,16 @@ Layout of ``out_dir`` (the adapter directory ``mlx_lm.load(base, adapter_path=ou
   train_result.json                          summary written when the run ends
   checkpoint/state.json                      last checkpoint: step, early-stopping state, metrics
   checkpoint/step-N.{weights,optimizer}.safetensors
-A checkpoint is valid only once state.json (written last, atomically) names its step, so a
-kill at any moment leaves either the previous or the new checkpoint, never a mix.
+Modules: ``step`` (the compiled update), ``routes`` (loss per route), ``checkpoint``
+(checkpoints, metrics, Ctrl-C), ``batches``, ``lora``, ``students``, ``losses``.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
-import signal
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +23,16 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from distiller.errors import UserError
 from distiller.train import batches as B
+from distiller.train import checkpoint as C
 from distiller.train import lora as LR
-from distiller.train import losses as L
+from distiller.train import routes as R
+from distiller.train import step as ST
 from distiller.train import students as S
+from distiller.train.routes import make_dpo_loss, make_kd_loss, sft_loss  # noqa: F401
+from distiller.train.step import build_schedule, evaluate, make_train_step  # noqa: F401
 
 ROUTES = ("sft", "seq-kd", "logit-kd", "dpo")
 PAIR_FILES = ("pairs_train.jsonl", "pairs_valid.jsonl")
@@ -179,262 +177,6 @@ def check_same_vocabulary(
         )
 
 
-# ---------------------------------------------------------------------------- losses
-
-
-def selected_logits(
-    model: nn.Module, batch: dict[str, mx.array], hidden: mx.array | None = None
-) -> mx.array:
-    """Logits (N, V) at the supervised positions ``batch["sel"]`` only.
-
-    For llama-style models the head runs on the gathered hidden states, which skips the
-    vocabulary projection + softmax for prompt and padding tokens (most of a short-answer
-    batch). ``hidden``: the backbone output, when the caller already has it.
-    """
-    parts = S.split_model(model)
-    if parts is None:
-        logits = model(batch["inputs"])
-        return logits.reshape(-1, logits.shape[-1])[batch["sel"]]
-    backbone, head = parts
-    h = backbone(batch["inputs"]) if hidden is None else hidden
-    return head(h.reshape(-1, h.shape[-1])[batch["sel"]])
-
-
-def selected_targets(batch: dict[str, mx.array]) -> mx.array:
-    return batch["targets"].reshape(-1)[batch["sel"]]
-
-
-def sft_loss(model: nn.Module, batch: dict[str, mx.array]) -> tuple[mx.array, mx.array]:
-    """Masked next-token cross-entropy on the assistant tokens (sft and seq-kd)."""
-    logits = selected_logits(model, batch)
-    return L.masked_cross_entropy(logits, selected_targets(batch), batch["sel_mask"])
-
-
-def make_kd_loss(teacher: nn.Module, cfg: TrainConfig, layer_map: dict[int, int]) -> Callable:
-    s_ids = sorted(layer_map)
-    t_ids = [layer_map[i] for i in s_ids]
-    use_hidden = bool(cfg.gamma) and bool(s_ids)
-
-    def kd_loss(model, batch):
-        if use_hidden:
-            hs, s_hidden = S.forward_with_hidden(model, batch["inputs"], s_ids)
-            ht, t_hidden = S.forward_with_hidden(teacher, batch["inputs"], t_ids)
-            s_logits = selected_logits(model, batch, hs)
-            t_logits = selected_logits(teacher, batch, ht)
-            t_hidden = [mx.stop_gradient(h) for h in t_hidden]
-        else:
-            s_logits, s_hidden = selected_logits(model, batch), []
-            t_logits, t_hidden = selected_logits(teacher, batch), []
-        return L.logit_kd_loss(
-            s_logits,
-            mx.stop_gradient(t_logits),
-            selected_targets(batch),
-            batch["sel_mask"],
-            alpha=cfg.alpha,
-            beta=cfg.beta,
-            gamma=cfg.gamma if use_hidden else 0.0,
-            temperature=cfg.temperature,
-            divergence=cfg.divergence,
-            student_hidden=s_hidden,
-            teacher_hidden=t_hidden,
-            hidden_mask=batch["mask"],
-        )
-
-    return kd_loss
-
-
-def pair_logprobs(model: nn.Module, batch: dict[str, mx.array]) -> mx.array:
-    """Summed answer log-probabilities per sequence (2B,): chosen rows, then rejected rows."""
-    logp = L.token_logprobs(selected_logits(model, batch), selected_targets(batch))
-    return batch["sel_rows"] @ (logp * batch["sel_mask"])
-
-
-def make_dpo_loss(beta: float) -> Callable:
-    def dpo(model, batch):
-        lp = pair_logprobs(model, batch)
-        n = lp.shape[0] // 2
-        loss, _ = L.dpo_loss(lp[:n], lp[n:], batch["ref_chosen"], batch["ref_rejected"], beta)
-        return loss, batch["sel_mask"].sum()
-
-    return dpo
-
-
-# ---------------------------------------------------------------------------- the step
-
-
-def _to_mx(batch: dict[str, Any]) -> dict[str, mx.array]:
-    """Arrays for the step; a hand-made {inputs, targets, mask} batch gets its ``sel`` keys."""
-    if "sel" not in batch:
-        batch = {**batch, **B.select(np.asarray(batch["mask"]))}
-    # lengths only feed the tokens/s count; keeping them out of the step avoids recompiles.
-    return {
-        k: v if isinstance(v, mx.array) else mx.array(v) for k, v in batch.items() if k != "lengths"
-    }
-
-
-def make_train_step(
-    model: nn.Module,
-    optimizer: optim.Optimizer,
-    loss_fn: Callable,
-    *,
-    compile: bool = True,
-    grad_accumulation: int = 1,
-    grad_clip: float | None = None,
-) -> Callable[..., mx.array]:
-    """``step(*microbatches) -> loss``: forward, backward and one optimizer update.
-
-    Gradients are taken only for the model's trainable parameters (LoRA matrices, or every
-    weight for full fine-tuning). With ``compile`` the whole update is one ``mx.compile``d
-    graph over (model, optimizer, RNG) state. Pass ``grad_accumulation`` micro-batches per call
-    to accumulate their mean gradient before the single update.
-    """
-    loss_and_grad = nn.value_and_grad(model, loss_fn)
-    if not optimizer.state:
-        optimizer.init(model.trainable_parameters())
-
-    def clip(grads):
-        return optim.clip_grad_norm(grads, grad_clip)[0] if grad_clip else grads
-
-    def one(batch):
-        (loss, ntoks), grads = loss_and_grad(model, batch)
-        optimizer.update(model, clip(grads))
-        return loss, ntoks
-
-    def grad_only(batch):
-        (loss, ntoks), grads = loss_and_grad(model, batch)
-        return loss, ntoks, grads
-
-    def apply(grads):
-        optimizer.update(model, clip(grads))
-
-    state = [model.state, optimizer.state, mx.random.state]
-    if compile:
-        one = partial(mx.compile, inputs=state, outputs=state)(one)
-        grad_only = partial(mx.compile, inputs=state, outputs=state)(grad_only)
-
-    def step(*microbatches: dict[str, Any]) -> mx.array:
-        if len(microbatches) != grad_accumulation:
-            raise ValueError(f"expected {grad_accumulation} micro-batches, got {len(microbatches)}")
-        if grad_accumulation == 1:
-            loss, _ = one(_to_mx(microbatches[0]))
-            mx.eval(loss, state)
-            return loss
-        total, acc = mx.array(0.0), None
-        for b in microbatches:
-            loss, _, grads = grad_only(_to_mx(b))
-            acc = grads if acc is None else tree_map(mx.add, acc, grads)
-            total = total + loss
-            mx.eval(total, acc)
-        apply(tree_map(lambda g: g / grad_accumulation, acc))
-        loss = total / grad_accumulation
-        mx.eval(loss, state)
-        return loss
-
-    return step
-
-
-def evaluate(model: nn.Module, loss_fn: Callable, batches: list[dict], max_batches: int) -> float:
-    """Token-weighted mean loss over (up to ``max_batches``) validation batches."""
-    model.eval()
-    total, weight = 0.0, 0.0
-    for b in batches[: max_batches if max_batches > 0 else None]:
-        loss, ntoks = loss_fn(model, _to_mx(b))
-        mx.eval(loss, ntoks)
-        total += loss.item() * max(ntoks.item(), 1)
-        weight += max(ntoks.item(), 1)
-    model.train()
-    return total / weight if weight else float("nan")
-
-
-def build_schedule(cfg: TrainConfig, total_steps: int) -> Callable:
-    lr = float(cfg.learning_rate)
-    warm = max(0, min(int(cfg.warmup_steps), total_steps - 1))
-    rest = max(1, total_steps - warm)
-    if cfg.schedule == "constant":
-        main = lambda _: mx.array(lr)  # noqa: E731
-    elif cfg.schedule == "linear":
-        main = optim.linear_schedule(lr, 0.0, rest)
-    elif cfg.schedule == "cosine":
-        main = optim.cosine_decay(lr, rest, end=lr * 0.1)
-    else:
-        raise UserError(
-            f"student.train.schedule must be cosine, linear or constant, got {cfg.schedule!r}"
-        )
-    if not warm:
-        return main
-    return optim.join_schedules([optim.linear_schedule(lr / warm, lr, warm), main], [warm])
-
-
-# ---------------------------------------------------------------------------- checkpoints
-
-
-def _ckpt_dir(out_dir: Path) -> Path:
-    return out_dir / "checkpoint"
-
-
-def save_checkpoint(out_dir: Path, step: int, model, optimizer, extra: dict) -> None:
-    d = _ckpt_dir(out_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    LR.atomic_save_safetensors(d / f"step-{step}.weights.safetensors", LR.trainable_weights(model))
-    LR.atomic_save_safetensors(
-        d / f"step-{step}.optimizer.safetensors", dict(tree_flatten(optimizer.state))
-    )
-    state = {"step": step, **extra}
-    LR.atomic_write_text(d / "state.json", json.dumps(state) + "\n")
-    # Older checkpoints are garbage only once state.json points at the new one.
-    for f in d.glob("step-*.safetensors"):
-        if not f.name.startswith(f"step-{step}."):
-            f.unlink(missing_ok=True)
-
-
-def load_checkpoint(out_dir: Path, model, optimizer) -> dict | None:
-    d = _ckpt_dir(out_dir)
-    if not (d / "state.json").exists():
-        return None
-    state = json.loads((d / "state.json").read_text())
-    step = state["step"]
-    model.load_weights(
-        list(mx.load(str(d / f"step-{step}.weights.safetensors")).items()), strict=False
-    )
-    opt_state = mx.load(str(d / f"step-{step}.optimizer.safetensors"))
-    optimizer.state = tree_unflatten(list(opt_state.items()))
-    mx.eval(model.parameters(), optimizer.state)
-    return state
-
-
-def write_metrics(out_dir: Path, rows: list[dict]) -> None:
-    LR.atomic_write_text(out_dir / "metrics.json", json.dumps(rows, indent=1) + "\n")
-    cols = ["step", "train_loss", "val_loss", "lr", "tokens_per_s", "peak_memory_gb", "elapsed_s"]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows)
-    LR.atomic_write_text(out_dir / "metrics.csv", buf.getvalue())
-
-
-class _StopFlag:
-    """First Ctrl-C asks the loop to checkpoint and stop; a second one interrupts at once."""
-
-    def __init__(self):
-        self.set = False
-        self._old = None
-
-    def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: no handler, plain KeyboardInterrupt
-            self._old = None
-        return self
-
-    def _handle(self, *_):
-        self.set = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    def __exit__(self, *_):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
-
-
 # ---------------------------------------------------------------------------- train
 
 
@@ -451,24 +193,13 @@ def _prepare_student(spec: Any, cfg: TrainConfig, out_dir: Path) -> tuple[str, l
     return str(student_dir), kept
 
 
-def _run_key(cfg: TrainConfig, adapter_cfg: dict, dataset_dir: Path) -> str:
-    import hashlib
-
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("compile", "steps_per_report")}
-    h = hashlib.sha256(json.dumps([settings, adapter_cfg], sort_keys=True, default=str).encode())
-    for f in sorted(dataset_dir.glob("*.jsonl")):
-        h.update(f.name.encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()[:16]
-
-
 def _reference_logprobs(model, pairs, cfg) -> tuple[np.ndarray, np.ndarray]:
     """Sequence log-probs of chosen/rejected under the frozen reference (the untrained model)."""
     model.eval()
     ch, rj = np.zeros(len(pairs), np.float32), np.zeros(len(pairs), np.float32)
     for i in range(0, len(pairs), cfg.batch_size):
-        b = _to_mx(B.collate_pairs(pairs[i : i + cfg.batch_size], cfg.pad_to))
-        lp = pair_logprobs(model, b)
+        b = ST.to_mx(B.collate_pairs(pairs[i : i + cfg.batch_size], cfg.pad_to))
+        lp = R.pair_logprobs(model, b)
         n = lp.shape[0] // 2
         ch[i : i + n], rj[i : i + n] = np.array(lp[:n]), np.array(lp[n:])
     model.train()
@@ -541,11 +272,11 @@ def train(
         check_same_vocabulary(tokenizer, teacher_tok, model, teacher)
         n_s, n_t = len(model.layers), len(teacher.layers)
         lmap = S.layer_map_for(cfg.layer_map, n_s, n_t, kept) if cfg.gamma else {}
-        loss_fn = make_kd_loss(teacher, cfg, lmap)
+        loss_fn = R.make_kd_loss(teacher, cfg, lmap)
     elif cfg.route == "dpo":
-        loss_fn = make_dpo_loss(cfg.dpo_beta)
+        loss_fn = R.make_dpo_loss(cfg.dpo_beta)
     else:
-        loss_fn = sft_loss
+        loss_fn = R.sft_loss
 
     def make_batch(idx: list[int], data, ref=None) -> dict:
         if cfg.route != "dpo":
@@ -570,7 +301,7 @@ def train(
     ]
 
     optimizer = optim.AdamW(
-        learning_rate=build_schedule(cfg, total_steps), weight_decay=cfg.weight_decay
+        learning_rate=ST.build_schedule(cfg, total_steps), weight_decay=cfg.weight_decay
     )
     optimizer.init(model.trainable_parameters())
 
@@ -585,8 +316,8 @@ def train(
         None,
     )
     # A checkpoint only continues the run that wrote it: same settings, same data.
-    run_key = _run_key(cfg, adapter_cfg, dataset_dir)
-    state_file = _ckpt_dir(out_dir) / "state.json"
+    run_key = C.run_key(cfg, adapter_cfg, dataset_dir)
+    state_file = C.ckpt_dir(out_dir) / "state.json"
     if (
         resume
         and state_file.exists()
@@ -596,17 +327,17 @@ def train(
             f"{out_dir}: holds a checkpoint of a different run (training settings or data "
             "changed); use another output dir, or --no-resume to start over"
         )
-    state = load_checkpoint(out_dir, model, optimizer) if resume else None
+    state = C.load_checkpoint(out_dir, model, optimizer) if resume else None
     if state is not None:
         step, resumed_from = state["step"], state["step"]
         best, best_step = state.get("best_val"), state.get("best_step")
         bad_evals, stopped = state.get("bad_evals", 0), state.get("stopped", False)
         rows = [r for r in state.get("metrics", []) if r["step"] <= step]
-    elif not resume and _ckpt_dir(out_dir).exists():
-        for f in _ckpt_dir(out_dir).iterdir():
+    elif not resume and C.ckpt_dir(out_dir).exists():
+        for f in C.ckpt_dir(out_dir).iterdir():
             f.unlink()
 
-    step_fn = make_train_step(
+    step_fn = ST.make_train_step(
         model,
         optimizer,
         loss_fn,
@@ -639,7 +370,7 @@ def train(
     window_loss, window_steps, window_toks, window_time = 0.0, 0, 0, 0.0
     t_start = time.perf_counter()
     last_loss = None
-    with _StopFlag() as flag:
+    with C.StopFlag() as flag:
         try:
             while step < total_steps and not stopped:
                 micro = [
@@ -673,7 +404,7 @@ def train(
                         "elapsed_s": time.perf_counter() - t_start,
                     }
                     if do_eval:
-                        val = evaluate(model, loss_fn, val_batches, cfg.val_batches)
+                        val = ST.evaluate(model, loss_fn, val_batches, cfg.val_batches)
                         row["val_loss"] = val
                         if best is None or val < best:
                             best, best_step, bad_evals = val, step, 0
@@ -686,7 +417,7 @@ def train(
                             ):
                                 stopped = True
                     rows.append(row)
-                    write_metrics(out_dir, rows)
+                    C.write_metrics(out_dir, rows)
                     bar.set_postfix(
                         loss=f"{row['train_loss']:.3f}",
                         tok_s=f"{row['tokens_per_s']:.0f}",
@@ -695,17 +426,17 @@ def train(
                     window_loss, window_steps, window_toks, window_time = 0.0, 0, 0, 0.0
                 bar.update(1)
                 if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or stopped):
-                    save_checkpoint(out_dir, step, model, optimizer, checkpoint_extra())
+                    C.save_checkpoint(out_dir, step, model, optimizer, checkpoint_extra())
                 if flag.set:
-                    save_checkpoint(out_dir, step, model, optimizer, checkpoint_extra())
+                    C.save_checkpoint(out_dir, step, model, optimizer, checkpoint_extra())
                     raise KeyboardInterrupt
         finally:
             bar.close()
 
-    save_checkpoint(out_dir, step, model, optimizer, checkpoint_extra())
+    C.save_checkpoint(out_dir, step, model, optimizer, checkpoint_extra())
     if best is None:  # no validation data: the last weights are the result
         LR.save_adapter(out_dir, model, adapter_cfg)
-    write_metrics(out_dir, rows)
+    C.write_metrics(out_dir, rows)
     result = TrainResult(
         adapter_dir=str(out_dir),
         base_model=base,

@@ -1,0 +1,97 @@
+"""Checkpoints that survive SIGKILL, metrics files, and Ctrl-C handling.
+
+A checkpoint is valid only once ``checkpoint/state.json`` (written last, atomically) names its
+step, so a kill at any moment leaves either the previous or the new checkpoint, never a mix.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import signal
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_unflatten
+
+from distiller.train import lora as LR
+
+
+def ckpt_dir(out_dir: Path) -> Path:
+    return out_dir / "checkpoint"
+
+
+def save_checkpoint(out_dir: Path, step: int, model, optimizer, extra: dict) -> None:
+    d = ckpt_dir(out_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    LR.atomic_save_safetensors(d / f"step-{step}.weights.safetensors", LR.trainable_weights(model))
+    LR.atomic_save_safetensors(
+        d / f"step-{step}.optimizer.safetensors", dict(tree_flatten(optimizer.state))
+    )
+    state = {"step": step, **extra}
+    LR.atomic_write_text(d / "state.json", json.dumps(state) + "\n")
+    # Older checkpoints are garbage only once state.json points at the new one.
+    for f in d.glob("step-*.safetensors"):
+        if not f.name.startswith(f"step-{step}."):
+            f.unlink(missing_ok=True)
+
+
+def load_checkpoint(out_dir: Path, model, optimizer) -> dict | None:
+    d = ckpt_dir(out_dir)
+    if not (d / "state.json").exists():
+        return None
+    state = json.loads((d / "state.json").read_text())
+    step = state["step"]
+    model.load_weights(
+        list(mx.load(str(d / f"step-{step}.weights.safetensors")).items()), strict=False
+    )
+    opt_state = mx.load(str(d / f"step-{step}.optimizer.safetensors"))
+    optimizer.state = tree_unflatten(list(opt_state.items()))
+    mx.eval(model.parameters(), optimizer.state)
+    return state
+
+
+def write_metrics(out_dir: Path, rows: list[dict]) -> None:
+    LR.atomic_write_text(out_dir / "metrics.json", json.dumps(rows, indent=1) + "\n")
+    cols = ["step", "train_loss", "val_loss", "lr", "tokens_per_s", "peak_memory_gb", "elapsed_s"]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    LR.atomic_write_text(out_dir / "metrics.csv", buf.getvalue())
+
+
+class StopFlag:
+    """First Ctrl-C asks the loop to checkpoint and stop; a second one interrupts at once."""
+
+    def __init__(self):
+        self.set = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: no handler, plain KeyboardInterrupt
+            self._old = None
+        return self
+
+    def _handle(self, *_):
+        self.set = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __exit__(self, *_):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def run_key(cfg: Any, adapter_cfg: dict, dataset_dir: Path) -> str:
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("compile", "steps_per_report")}
+    h = hashlib.sha256(json.dumps([settings, adapter_cfg], sort_keys=True, default=str).encode())
+    for f in sorted(dataset_dir.glob("*.jsonl")):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,93 @@
+"""Per-route loss functions: sft / seq-kd (masked CE), logit-kd, dpo.
+
+Each is ``loss_fn(model, batch) -> (loss, n_tokens)``. Logits are computed only at the
+supervised positions ``batch["sel"]`` (see ``batches.select``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from distiller.train import losses as L
+from distiller.train import students as S
+
+
+def selected_logits(
+    model: nn.Module, batch: dict[str, mx.array], hidden: mx.array | None = None
+) -> mx.array:
+    """Logits (N, V) at the supervised positions ``batch["sel"]`` only.
+
+    For llama-style models the head runs on the gathered hidden states, which skips the
+    vocabulary projection + softmax for prompt and padding tokens (most of a short-answer
+    batch). ``hidden``: the backbone output, when the caller already has it.
+    """
+    parts = S.split_model(model)
+    if parts is None:
+        logits = model(batch["inputs"])
+        return logits.reshape(-1, logits.shape[-1])[batch["sel"]]
+    backbone, head = parts
+    h = backbone(batch["inputs"]) if hidden is None else hidden
+    return head(h.reshape(-1, h.shape[-1])[batch["sel"]])
+
+
+def selected_targets(batch: dict[str, mx.array]) -> mx.array:
+    return batch["targets"].reshape(-1)[batch["sel"]]
+
+
+def sft_loss(model: nn.Module, batch: dict[str, mx.array]) -> tuple[mx.array, mx.array]:
+    """Masked next-token cross-entropy on the assistant tokens (sft and seq-kd)."""
+    logits = selected_logits(model, batch)
+    return L.masked_cross_entropy(logits, selected_targets(batch), batch["sel_mask"])
+
+
+def make_kd_loss(teacher: nn.Module, cfg: Any, layer_map: dict[int, int]) -> Callable:
+    s_ids = sorted(layer_map)
+    t_ids = [layer_map[i] for i in s_ids]
+    use_hidden = bool(cfg.gamma) and bool(s_ids)
+
+    def kd_loss(model, batch):
+        if use_hidden:
+            hs, s_hidden = S.forward_with_hidden(model, batch["inputs"], s_ids)
+            ht, t_hidden = S.forward_with_hidden(teacher, batch["inputs"], t_ids)
+            s_logits = selected_logits(model, batch, hs)
+            t_logits = selected_logits(teacher, batch, ht)
+            t_hidden = [mx.stop_gradient(h) for h in t_hidden]
+        else:
+            s_logits, s_hidden = selected_logits(model, batch), []
+            t_logits, t_hidden = selected_logits(teacher, batch), []
+        return L.logit_kd_loss(
+            s_logits,
+            mx.stop_gradient(t_logits),
+            selected_targets(batch),
+            batch["sel_mask"],
+            alpha=cfg.alpha,
+            beta=cfg.beta,
+            gamma=cfg.gamma if use_hidden else 0.0,
+            temperature=cfg.temperature,
+            divergence=cfg.divergence,
+            student_hidden=s_hidden,
+            teacher_hidden=t_hidden,
+            hidden_mask=batch["mask"],
+        )
+
+    return kd_loss
+
+
+def pair_logprobs(model: nn.Module, batch: dict[str, mx.array]) -> mx.array:
+    """Summed answer log-probabilities per sequence (2B,): chosen rows, then rejected rows."""
+    logp = L.token_logprobs(selected_logits(model, batch), selected_targets(batch))
+    return batch["sel_rows"] @ (logp * batch["sel_mask"])
+
+
+def make_dpo_loss(beta: float) -> Callable:
+    def dpo(model, batch):
+        lp = pair_logprobs(model, batch)
+        n = lp.shape[0] // 2
+        loss, _ = L.dpo_loss(lp[:n], lp[n:], batch["ref_chosen"], batch["ref_rejected"], beta)
+        return loss, batch["sel_mask"].sum()
+
+    return dpo
