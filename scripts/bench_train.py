@@ -93,9 +93,7 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument(
-        "--compile", action="store_true", help="mx.compile the step (default off on CPU)"
-    )
+    p.add_argument("--no-compile", action="store_true", help="run the step without mx.compile")
     p.add_argument(
         "--supervised",
         type=float,
