@@ -57,6 +57,7 @@ class GenerationStats:
 
     sequences: int = 0
     prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0  # of prompt_tokens, served from a shared-prefix KV cache
     prompt_time: float = 0.0
     generation_tokens: int = 0
     decode_time: float = 0.0
@@ -65,7 +66,9 @@ class GenerationStats:
 
     @property
     def prompt_tps(self) -> float:
-        return self.prompt_tokens / self.prompt_time if self.prompt_time > 0 else 0.0
+        """Prompt tokens actually computed per second of prefill (cache hits not counted)."""
+        computed = self.prompt_tokens - self.cached_prompt_tokens
+        return computed / self.prompt_time if self.prompt_time > 0 else 0.0
 
     @property
     def decode_tps(self) -> float:
@@ -79,6 +82,7 @@ class GenerationStats:
     def __iadd__(self, other: GenerationStats) -> GenerationStats:
         self.sequences += other.sequences
         self.prompt_tokens += other.prompt_tokens
+        self.cached_prompt_tokens += other.cached_prompt_tokens
         self.prompt_time += other.prompt_time
         self.generation_tokens += other.generation_tokens
         self.decode_time += other.decode_time
@@ -205,8 +209,13 @@ def generate_batch(
     batch_size: int = 16,
     progress: Callable[[int], object] | None = None,
     reset_peak_memory: bool = False,
+    min_shared_prefix: int = 64,
 ) -> Generations:
     """Generate a completion for every prompt (token ids), up to ``batch_size`` at a time.
+
+    When all prompts start with the same ``min_shared_prefix`` or more tokens (a teacher's system
+    prompt and few-shot examples), that prefix is prefilled once and its KV cache copied into
+    every sequence, instead of being recomputed per sequence.
 
     ``seed`` is one run seed (per-prompt seeds are derived from it and the prompt's position)
     or one seed per prompt. ``progress(n)`` is called with the number of sequences that just
@@ -244,7 +253,13 @@ def generate_batch(
         prefill_batch_size=batch_size,
     )
     try:
-        uids = gen.insert(prompts, [max_tokens] * len(prompts), samplers=samplers)
+        prefix_len, caches, prefix_time = _prefill_shared_prefix(model, prompts, min_shared_prefix)
+        uids = gen.insert(
+            [p[prefix_len:] for p in prompts],
+            [max_tokens] * len(prompts),
+            caches=caches,
+            samplers=samplers,
+        )
         index = {uid: i for i, uid in enumerate(uids)}
         tokens: list[list[int]] = [[] for _ in prompts]
         produced = [0] * len(prompts)
@@ -275,7 +290,8 @@ def generate_batch(
     stats = GenerationStats(
         sequences=len(prompts),
         prompt_tokens=sum(len(p) for p in prompts),
-        prompt_time=bstats.prompt_time,
+        cached_prompt_tokens=prefix_len * (len(prompts) - 1) if prefix_len else 0,
+        prompt_time=bstats.prompt_time + prefix_time,
         generation_tokens=sum(produced),
         decode_time=bstats.decode_time,
         wall_time=time.perf_counter() - start,
@@ -288,6 +304,39 @@ def generate_batch(
         g.peak_memory_gb = stats.peak_memory_gb
         out.append(g)
     return out
+
+
+def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
+    """Length of the longest common prefix of all prompts, leaving each at least one token."""
+    if len(prompts) < 2:
+        return 0
+    limit = min(len(p) for p in prompts) - 1
+    first = prompts[0]
+    n = 0
+    while n < limit and all(p[n] == first[n] for p in prompts):
+        n += 1
+    return n
+
+
+def _prefill_shared_prefix(
+    model, prompts: list[list[int]], min_length: int
+) -> tuple[int, list | None, float]:
+    """(prefix length, one KV cache per prompt holding the prefix, seconds spent) or (0, None, 0)."""
+    import copy
+
+    from mlx_lm.models.cache import make_prompt_cache
+
+    n = shared_prefix_length(prompts)
+    if n < max(min_length, 1):
+        return 0, None, 0.0
+    start = time.perf_counter()
+    cache = make_prompt_cache(model)
+    step = 512  # prefill in chunks, as mlx-lm does, to bound activation memory
+    for i in range(0, n, step):
+        model(mx.array(prompts[0][i : min(i + step, n)])[None], cache=cache)
+        mx.eval([c.state for c in cache])
+    caches = [copy.deepcopy(cache) for _ in prompts]
+    return n, caches, time.perf_counter() - start
 
 
 # -- single stream -------------------------------------------------------------------------
