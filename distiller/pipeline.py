@@ -192,7 +192,9 @@ def distill(spec: TaskSpec, run_dir: Path, limit: int | None = None) -> RunResul
 
 
 def default_run_dir(spec: TaskSpec) -> Path:
-    return Path("runs") / spec.name
+    """runs/<task> (under $DISTILLER_HOME when set), where the pytest plugin looks too."""
+    home = os.environ.get("DISTILLER_HOME")
+    return (Path(home) / "runs" if home else Path("runs")) / spec.name
 
 
 @dataclass(frozen=True)
@@ -298,7 +300,9 @@ def compare_and_report(run: RunResult, limit: int | None = None) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("spec", help="task spec (YAML), e.g. fixtures/tasks/structured_cot.yaml")
-    parser.add_argument("--out", type=Path, help="run directory (default: runs/<task name>)")
+    parser.add_argument(
+        "--out", type=Path, help="run directory (default: runs/<task name>, as the pytest plugin)"
+    )
     parser.add_argument(
         "--limit", type=int, help="use only the first N prompts per stage (quick trial runs)"
     )
