@@ -63,7 +63,7 @@ def test_structured_cot_loads_with_the_intended_settings(cot):
     assert 18 <= len(cot.eval.prompt_sets["unseen"]) <= 25
     assert cot.teacher.model == "smollm2-135m-instruct"
     assert len(cot.teacher.few_shot) == 2
-    assert cot.teacher.keep == "best" and cot.teacher.samples_per_prompt == 4
+    assert cot.teacher.keep == "first" and cot.teacher.samples_per_prompt == 3
     assert [v.type for v in cot.validators] == [
         "sections",
         "distinct_sections",
@@ -80,7 +80,7 @@ def test_structured_cot_loads_with_the_intended_settings(cot):
     assert (s.route, s.prompt_style, s.lora.rank, s.lora.keys) == ("sft", "bare", 8, LORA_KEYS)
     assert s.train.max_seq_length == 512 and s.train.batch_size == 4
     assert (cot.split.train, cot.split.valid, cot.split.test, cot.split.seed) == (0.7, 0.1, 0.2, 0)
-    assert cot.eval.thresholds == {"format_rate": 0.9} and cot.eval.max_tokens == 256
+    assert cot.eval.thresholds == {"format_rate": 0.9} and cot.eval.max_tokens == 200
     # Prompts are the template applied to the scenario; the scenario is kept in meta.
     p = cot.prompts[0]
     assert p.text == "Analyze this distributed-systems failure: " + p.meta["scenario"]
@@ -91,10 +91,10 @@ def test_few_shot_answers_are_compact_and_pass_the_task_validators(cot):
     for ex in cot.teacher.few_shot:
         verdict = check(ex.assistant)
         assert verdict.passed, verdict.reasons
-        assert 120 <= len(words(ex.assistant)) <= 180
-        # 1-3 sentences per section.
+        assert 60 <= len(words(ex.assistant)) <= 120
+        # 1-2 sentences per section.
         for body in ex.assistant.splitlines():
-            assert 1 <= body.count(". ") + 1 <= 3
+            assert 1 <= body.count(". ") + 1 <= 2
 
 
 def _scenarios(cot: TaskSpec) -> dict[str, list[str]]:

@@ -1,4 +1,4 @@
-"""Shared test fixtures: tiny random llama models that use the real SmolLM2 tokenizer.
+"""Shared fixtures for tests/ and evals/: tiny random llama models with the real SmolLM2 tokenizer.
 
 ``tiny_model_dir`` is a session-wide tiny model dir (2 layers, hidden 64, GQA 4/2 heads,
 vocab 49152, tied embeddings, float32) that plain ``mlx_lm.load`` opens. For other shapes use
@@ -18,7 +18,7 @@ import pytest
 
 import distiller  # noqa: F401  (must precede mlx: it loads the fast BLAS)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parent
 TOKENIZER_DIR = REPO_ROOT / "fixtures" / "tokenizer"
 
 TINY_DEFAULTS: dict[str, Any] = {
