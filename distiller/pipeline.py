@@ -207,13 +207,14 @@ class Contender:
 
 
 def contenders(spec: TaskSpec, run: RunResult | None) -> list[Contender]:
-    """Teacher (with its scaffold), vanilla student and distilled student (both bare)."""
+    """Teacher (with its scaffold), vanilla and distilled student (prompted as the student is)."""
     found = []
     if spec.teacher.model:  # an endpoint teacher is not evaluated locally
         found.append(Contender("teacher", spec.teacher.model, "scaffold"))
-    found.append(Contender("vanilla", spec.student.model, "bare"))
+    style = spec.student.prompt_style
+    found.append(Contender("vanilla", spec.student.model, style))
     if run is not None:
-        found.append(Contender("distilled", str(run.student_dir), "bare"))
+        found.append(Contender("distilled", str(run.student_dir), style))
     return found
 
 
