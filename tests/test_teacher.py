@@ -21,6 +21,15 @@ from distiller.spec import load_spec
 from distiller.teacher import TeacherInterrupted, run_teacher
 
 
+def default_sigint() -> None:
+    """Child-side: restore SIGINT's default so Python installs its KeyboardInterrupt handler.
+
+    A shell running a job in the background (`cmd &`) starts it with SIGINT ignored, and an
+    ignored signal stays ignored across exec: the Ctrl-C tests would then test nothing.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def graded_responder(body: dict) -> str:
     """Deterministic in the request seed: perfect, accepted-but-imperfect, or rejected."""
     seed = body["seed"]
@@ -216,7 +225,11 @@ def test_killed_teacher_resumes_exactly(tmp_path, sig):
         out = tmp_path / "run"
         store = out / "samples.jsonl"
         proc = subprocess.Popen(
-            _teach_cmd(spec_path, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            _teach_cmd(spec_path, out),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=default_sigint,  # as from a terminal, even if our parent ignores SIGINT
         )
         _wait_for_lines(store, 6, proc)
         proc.send_signal(sig)

@@ -29,6 +29,15 @@ REPO = Path(__file__).resolve().parent.parent
 QA = [(f"What is {a} plus {b}?", f"The answer is {a + b}.") for a in range(6) for b in range(4)]
 
 
+def default_sigint() -> None:
+    """Child-side: restore SIGINT's default so Python installs its KeyboardInterrupt handler.
+
+    A shell running a job in the background (`cmd &`) starts it with SIGINT ignored, and an
+    ignored signal stays ignored across exec: the Ctrl-C tests would then test nothing.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def write_dataset(d: Path, n_train: int = 16, n_valid: int = 4, pairs: bool = False) -> Path:
     d.mkdir(parents=True, exist_ok=True)
 
@@ -211,7 +220,11 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, tiny_model_dir):
     ds = write_dataset(tmp_path / "ds")
     out = tmp_path / "out"
     proc = subprocess.Popen(
-        _train_cmd(spec_path, ds, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        _train_cmd(spec_path, ds, out),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=default_sigint,  # as from a terminal, even if our parent ignores SIGINT
     )
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "metrics.json").exists():
