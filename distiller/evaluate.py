@@ -76,7 +76,7 @@ class EvalResult:
 
 def load_model(model_ref: str | Path) -> tuple[Any, Any]:
     """(model, tokenizer) from a registry name or a model dir, in the compute dtype."""
-    from distiller.train.trainer import load_model as _load
+    from distiller.models import load_model as _load
 
     return _load(str(model_ref))
 
@@ -87,9 +87,9 @@ def model_dir(model_ref: str | Path) -> Path | None:
     if path.is_dir():
         return path
     try:
-        from distiller.train.trainer import model_path
+        from distiller.models import resolve_model
 
-        return Path(model_path(str(model_ref)))
+        return Path(resolve_model(str(model_ref)))
     except (UserError, ImportError, OSError, ValueError):
         return None
 

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from distiller.evaluate import model_fingerprint
 from distiller.spec import TaskSpec, load_spec, stable_hash
 
 STAGE_FILE = "stage.json"
@@ -75,16 +76,6 @@ def run_stage(
     tmp.write_text(json.dumps(record, indent=2, default=str))
     os.replace(tmp, stage_dir / STAGE_FILE)
     return StageResult(name, stage_dir, key, False, info)
-
-
-def model_fingerprint(model_ref: str) -> dict:
-    """Identity of a model reference: the name, plus config and weight sizes for a directory."""
-    path = Path(model_ref).expanduser()
-    if not path.is_dir():
-        return {"ref": model_ref}
-    files = {p.name: p.stat().st_size for p in sorted(path.glob("*.safetensors"))}
-    config = (path / "config.json").read_text() if (path / "config.json").exists() else ""
-    return {"dir": str(path.resolve()), "config": stable_hash(config), "weights": files}
 
 
 def _teacher_key(spec: TaskSpec) -> dict:
