@@ -300,7 +300,8 @@ def evaluate(
     batch_size: int | None = None,
     progress: bool = True,
 ) -> EvalResult:
-    """Generate (greedy, batched) for every prompt, validate, and measure.
+    """Generate (greedy, batched; logits shaped as ``spec.eval`` says) for every prompt,
+    validate, and measure.
 
     ``loaded`` is an already loaded ``(model, tokenizer)`` for ``model_ref`` (saves a reload);
     ``name`` is the display name in reports (default: ``model_ref``).
@@ -336,6 +337,8 @@ def evaluate(
             max_tokens=max_tokens,
             temperature=0.0,
             batch_size=batch_size,
+            no_repeat_ngram=spec.eval.no_repeat_ngram,
+            repetition_penalty=spec.eval.repetition_penalty,
             progress=bar.update if bar is not None else None,
             reset_peak_memory=True,
         )
@@ -386,6 +389,8 @@ def evaluate(
         "disk_mb": disk_size_mb(model_ref),
         "max_tokens": max_tokens,
         "batch_size": batch_size,
+        "no_repeat_ngram": spec.eval.no_repeat_ngram,
+        "repetition_penalty": spec.eval.repetition_penalty,
     }
     result = EvalResult(
         model=name or str(model_ref),
@@ -426,6 +431,7 @@ def eval_key(
             "validators": [asdict(v) for v in spec.validators],
             "max_tokens": max_tokens or spec.eval.max_tokens,
             "batch_size": batch_size or spec.eval.batch_size,
+            "logit_shaping": [spec.eval.no_repeat_ngram, spec.eval.repetition_penalty],
         }
     )
 

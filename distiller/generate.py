@@ -183,6 +183,57 @@ def make_sampler(temperature: float = 0.0, top_p: float = 1.0, seed: int | None 
     return sample
 
 
+LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
+
+
+def no_repeat_ngram_processor(n: int) -> LogitsProcessor:
+    """Forbid any token that would complete an ``n``-gram already in this generation.
+
+    A small model decoding greedily tends to copy a sentence into every later section; this
+    makes the copy impossible (the prompt is not counted: restating it is fine). The processor
+    keeps per-sequence state, so make one per sequence.
+    """
+    if n < 2:
+        raise ValueError(f"no_repeat_ngram must be >= 2, got {n}")
+    generated: list[int] = []
+    followers: dict[tuple[int, ...], set[int]] = {}
+    context_start: int | None = None
+
+    def process(tokens: mx.array, logits: mx.array) -> mx.array:
+        nonlocal context_start
+        # ``tokens`` is the context so far; its last token is the one just sampled (on the
+        # first call, the prompt's last token, which is not part of the generation).
+        if context_start is None:
+            context_start = tokens.size
+        else:
+            generated.append(int(tokens[-1].item()))
+            if len(generated) >= n:
+                gram = tuple(generated[-n:])
+                followers.setdefault(gram[:-1], set()).add(gram[-1])
+        if len(generated) < n - 1:
+            return logits
+        banned = followers.get(tuple(generated[-(n - 1) :]))
+        if not banned:
+            return logits
+        return logits.at[:, mx.array(sorted(banned))].add(float("-inf"))
+
+    return process
+
+
+def make_logits_processors(
+    no_repeat_ngram: int = 0, repetition_penalty: float | None = None
+) -> list[LogitsProcessor]:
+    """Fresh processors for one sequence (empty when no penalty is asked for)."""
+    from mlx_lm.sample_utils import make_logits_processors as mlx_logits_processors
+
+    processors: list[LogitsProcessor] = []
+    if repetition_penalty is not None and repetition_penalty != 1.0:
+        processors += mlx_logits_processors(repetition_penalty=repetition_penalty)
+    if no_repeat_ngram:
+        processors.append(no_repeat_ngram_processor(no_repeat_ngram))
+    return processors
+
+
 def _seeds(seed: int | Sequence[int] | None, n: int) -> list[int | None]:
     if seed is None:
         return [None] * n
@@ -210,6 +261,8 @@ def generate_batch(
     progress: Callable[[int], object] | None = None,
     reset_peak_memory: bool = False,
     min_shared_prefix: int = 64,
+    no_repeat_ngram: int = 0,
+    repetition_penalty: float | None = None,
 ) -> Generations:
     """Generate a completion for every prompt (token ids), up to ``batch_size`` at a time.
 
@@ -218,7 +271,8 @@ def generate_batch(
     every sequence, instead of being recomputed per sequence.
 
     ``seed`` is one run seed (per-prompt seeds are derived from it and the prompt's position)
-    or one seed per prompt. ``progress(n)`` is called with the number of sequences that just
+    or one seed per prompt. ``no_repeat_ngram`` / ``repetition_penalty`` shape the logits of
+    every sequence (see ``make_logits_processors``). ``progress(n)`` is called with the number of sequences that just
     finished (``tqdm.update`` fits). Returns the generations in prompt order, with ``.stats``.
     """
     from mlx_lm.generate import BatchGenerator
@@ -240,6 +294,9 @@ def generate_batch(
         samplers = [make_sampler(temperature, top_p, s) for s in seeds]
         shared = None
     eos = sorted(tokenizer.eos_token_ids)
+    processors = None
+    if no_repeat_ngram or repetition_penalty:
+        processors = [make_logits_processors(no_repeat_ngram, repetition_penalty) for _ in prompts]
 
     if reset_peak_memory:
         mx.reset_peak_memory()
@@ -259,6 +316,7 @@ def generate_batch(
             [max_tokens] * len(prompts),
             caches=caches,
             samplers=samplers,
+            logits_processors=processors,
         )
         index = {uid: i for i, uid in enumerate(uids)}
         tokens: list[list[int]] = [[] for _ in prompts]
@@ -352,6 +410,8 @@ def generate_one(
     seed: int | None = None,
     on_text: Callable[[str], object] | None = None,
     reset_peak_memory: bool = False,
+    no_repeat_ngram: int = 0,
+    repetition_penalty: float | None = None,
 ) -> Generation:
     """Generate one completion on the single-stream path (what a latency number means).
 
@@ -372,7 +432,15 @@ def generate_one(
     tokens: list[int] = []
     last = None
     eos = tokenizer.eos_token_ids
-    for last in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, sampler=sampler):
+    processors = make_logits_processors(no_repeat_ngram, repetition_penalty)
+    for last in stream_generate(
+        model,
+        tokenizer,
+        prompt,
+        max_tokens=max_tokens,
+        sampler=sampler,
+        logits_processors=processors or None,
+    ):
         if last.text and on_text is not None:
             on_text(last.text)
         if not (last.finish_reason == "stop" and last.token in eos):

@@ -89,6 +89,9 @@ class DecodingSpec:
     top_p: float = 1.0
     max_tokens: int = 256
     seed: int | None = 0
+    # Logit shaping against a small model's habit of repeating itself (local models only):
+    no_repeat_ngram: int = 0  # forbid completing an n-gram already generated; 0 = off
+    repetition_penalty: float | None = None  # mlx-lm/vLLM style; None = off
 
 
 @dataclass(frozen=True)
@@ -215,6 +218,9 @@ class SplitSpec:
 @dataclass(frozen=True)
 class EvalSpec:
     max_tokens: int = 256
+    # Evaluation decodes greedily; these shape the logits of every model evaluated, alike.
+    no_repeat_ngram: int = 0
+    repetition_penalty: float | None = None
     thresholds: dict[str, float] = field(default_factory=dict, hash=False)
     prompt_sets: dict[str, tuple[Prompt, ...]] = field(default_factory=dict, hash=False)
     batch_size: int = 8
@@ -689,7 +695,9 @@ def _teacher(m: _Map, base: Path) -> TeacherSpec:
             max_concurrency=e.int("max_concurrency", 4, lo=1),
             max_retries=e.int("max_retries", 3, lo=0),
         )
-    d = m.sub("decoding", ("temperature", "top_p", "max_tokens", "seed"))
+    d = m.sub("decoding", (
+        "temperature", "top_p", "max_tokens", "seed", "no_repeat_ngram", "repetition_penalty",
+    ))  # fmt: skip
     # An explicit `seed: null` means unseeded sampling; a missing seed means 0.
     seed = None if d.is_null("seed") else d.int("seed", 0, lo=0)
     decoding = DecodingSpec(
@@ -697,7 +705,14 @@ def _teacher(m: _Map, base: Path) -> TeacherSpec:
         top_p=d.float("top_p", 1.0, lo=0, hi=1, lo_open=True),
         max_tokens=d.int("max_tokens", 256, lo=1),
         seed=seed,
+        **_logit_shaping(d),
     )
+    if endpoint is not None and decoding.no_repeat_ngram:
+        raise d.err(
+            "no_repeat_ngram",
+            "0 with an endpoint teacher (the OpenAI chat API has no such parameter; "
+            "it works with a local teacher model)",
+        )
     system_prompt = m.raw("system_prompt")
     if system_prompt is not None and not isinstance(system_prompt, str):
         raise m.err("system_prompt", f"a string, got {_describe(system_prompt)}")
@@ -952,6 +967,15 @@ def _split(m: _Map, prompts: tuple[Prompt, ...]) -> SplitSpec:
     return s
 
 
+def _logit_shaping(m: _Map) -> dict[str, Any]:
+    """``no_repeat_ngram`` (0 or >= 2) and ``repetition_penalty`` (> 0 or absent)."""
+    n = m.int("no_repeat_ngram", 0, lo=0)
+    if n == 1:
+        raise m.err("no_repeat_ngram", "0 (off) or an n-gram length >= 2, got 1")
+    penalty = m.float("repetition_penalty", None, lo=0, lo_open=True)
+    return {"no_repeat_ngram": n, "repetition_penalty": penalty}
+
+
 def _eval(m: _Map, base: Path, template: str | None, fld: str) -> EvalSpec:
     th = m.raw("thresholds", {})
     if not isinstance(th, dict):
@@ -975,6 +999,7 @@ def _eval(m: _Map, base: Path, template: str | None, fld: str) -> EvalSpec:
         )
     return EvalSpec(
         max_tokens=m.int("max_tokens", 256, lo=1),
+        **_logit_shaping(m),
         thresholds=thresholds,
         prompt_sets=sets,
         batch_size=m.int("batch_size", 8, lo=1),
@@ -1027,8 +1052,9 @@ def load_spec(path: str | Path) -> TaskSpec:
         "model", "route", "prompt_style", "lora", "full_finetune", "train", "kd", "drop_layers", "dpo", "quantize",
     )), teacher)  # fmt: skip
     split = _split(top.sub("split", ("train", "valid", "test", "seed", "stratify_by")), prompts)
+    eval_keys = ("max_tokens", "no_repeat_ngram", "repetition_penalty", "thresholds")
     ev = _eval(
-        top.sub("eval", ("max_tokens", "thresholds", "prompt_sets", "batch_size")),
+        top.sub("eval", (*eval_keys, "prompt_sets", "batch_size")),
         base,
         template,
         fld,

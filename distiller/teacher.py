@@ -109,7 +109,12 @@ def teacher_config(spec: Any, backend: Backend) -> tuple[str, dict]:
         "teacher": identity,
         "system_prompt": t.system_prompt,
         "few_shot": [list(fs) for fs in t.few_shot],
-        "decoding": asdict(t.decoding),
+        # Logit shaping enters the hash only when on, so stores made before it existed stay valid.
+        "decoding": {
+            k: v
+            for k, v in asdict(t.decoding).items()
+            if not (k in ("no_repeat_ngram", "repetition_penalty") and not v)
+        },
     }
     config = config_hash(setup)
     return config, {**identity, "config": config}
@@ -218,6 +223,8 @@ def run_teacher(
             temperature=dec.temperature,
             top_p=dec.top_p,
             seed=attempt_seed(dec.seed, prompt.text, index),
+            no_repeat_ngram=dec.no_repeat_ngram,
+            repetition_penalty=dec.repetition_penalty,
         )
 
     def record(prompt, index: int, req: CompletionRequest, c: Completion) -> dict:

@@ -46,6 +46,21 @@ def test_local_backend_matches_generate_batch_and_keeps_order(tiny_dir):
     assert be.stats.sequences == len(reqs) and be.stats.generation_tokens == 6 * len(reqs)
 
 
+def test_local_backend_applies_logit_shaping_per_request(tiny_dir):
+    be = LocalBackend(str(tiny_dir), batch_size=4)
+    msgs = build_messages("hello world")
+    plain, shaped = be.complete(
+        [
+            CompletionRequest(msgs, max_tokens=40),
+            CompletionRequest(msgs, max_tokens=40, no_repeat_ngram=2),
+        ]
+    )
+    model, tok = be._model()
+    (want,) = generate_batch(model, tok, [chat_prompt(tok, msgs)], max_tokens=40, no_repeat_ngram=2)
+    # same as generate_batch with the constraint (tested there), and not the unconstrained text
+    assert shaped.text == want.text != plain.text
+
+
 def test_local_backend_bad_conversation_fails_alone(tiny_dir):
     be = LocalBackend(str(tiny_dir))
     good = CompletionRequest(build_messages("hello"), max_tokens=3)

@@ -62,6 +62,18 @@ def test_completes_in_order_with_payload_and_auth(monkeypatch):
     assert body["model"] == "teacher-x"
     assert body["max_tokens"] == 32 and body["temperature"] == 0.7 and body["top_p"] == 1.0
     assert set(srv.auth_headers) == {f"Bearer {SECRET}"}
+    assert "repetition_penalty" not in body  # only sent when asked for
+
+
+def test_repetition_penalty_is_sent_and_no_repeat_ngram_refused():
+    with FakeOpenAI() as srv:
+        be = _backend(srv)
+        req = CompletionRequest([{"role": "user", "content": "q"}], repetition_penalty=1.2)
+        (c,) = be.complete([req])
+        assert c.ok and srv.requests[0]["repetition_penalty"] == 1.2
+        with pytest.raises(BackendError, match="no_repeat_ngram"):
+            be.complete([CompletionRequest([{"role": "user", "content": "q"}], no_repeat_ngram=3)])
+        be.close()
 
 
 def test_429_honours_retry_after_seconds():

@@ -372,6 +372,14 @@ def test_labels_default_from_the_curriculum_and_stratify_needs_them(tmp_path):
         ("split: {train: 0.5, valid: 0.1, test: 0.1}\n", "split", "= 1, got 0.7", 6),
         ("split: {test: 0}\n", "split.test", "(0, 1)", 6),
         ("eval: {thresholds: {format_rate: high}}\n", "eval.thresholds.format_rate", "a number", 6),
+        ("eval: {no_repeat_ngram: 1}\n", "eval.no_repeat_ngram", ">= 2, got 1", 6),
+        ("eval: {repetition_penalty: 0}\n", "eval.repetition_penalty", "(0, inf]", 6),
+        (
+            "  decoding: {no_repeat_ngram: -3}\n",
+            "teacher.decoding.no_repeat_ngram",
+            ">= 0, got -3",
+            6,
+        ),
         ("validators: [{type: sectons}]\n", "validators[0]", "did you mean 'sections'", 6),
         (
             "validators:\n  - type: length\n    max_wrds: 5\n",
@@ -440,6 +448,29 @@ def test_teacher_needs_exactly_one_source_and_never_a_key(tmp_path):
         "http://127.0.0.1:8080/v1", "big", "TEACHER_KEY", 2, 3,
     )  # fmt: skip
     assert spec.teacher.model is None
+
+
+def test_logit_shaping_for_teacher_and_eval(tmp_path):
+    spec = load_spec(
+        write(
+            tmp_path,
+            MINIMAL
+            + "  decoding: {no_repeat_ngram: 4, repetition_penalty: 1.1}\n"
+            + "eval: {no_repeat_ngram: 3}\n",
+        )
+    )
+    d = spec.teacher.decoding
+    assert (d.no_repeat_ngram, d.repetition_penalty) == (4, 1.1)
+    assert (spec.eval.no_repeat_ngram, spec.eval.repetition_penalty) == (3, None)
+    plain = load_spec(write(tmp_path, MINIMAL, "plain.yaml"))
+    assert (plain.eval.no_repeat_ngram, plain.teacher.decoding.no_repeat_ngram) == (0, 0)
+    # An endpoint cannot honour it: refused at load, not silently dropped.
+    err = spec_error(
+        tmp_path,
+        "prompts: [a]\nstudent: {model: s}\nteacher:\n  endpoint: {url: 'http://x/v1', model: big}\n"
+        "  decoding: {no_repeat_ngram: 4}\n",
+    )
+    assert err.key == "teacher.decoding.no_repeat_ngram" and "endpoint" in err.expected
 
 
 def test_yaml_syntax_errors_have_a_line(tmp_path):

@@ -20,6 +20,8 @@ class CompletionRequest:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    no_repeat_ngram: int = 0  # local backends only (no chat-API equivalent)
+    repetition_penalty: float | None = None
 
 
 @dataclass

@@ -45,11 +45,18 @@ class LocalBackend:
             except Exception as exc:  # a malformed conversation fails only its own request
                 out[i] = Completion(finish_reason="error", error=f"chat template: {exc}")
                 continue
-            key = (req.max_tokens, req.temperature, req.top_p, req.seed is None)
+            key = (
+                req.max_tokens,
+                req.temperature,
+                req.top_p,
+                req.seed is None,
+                req.no_repeat_ngram,
+                req.repetition_penalty,
+            )
             groups[key].append((i, prompt))
         if self.stats is None:
             self.stats = GenerationStats()
-        for (max_tokens, temperature, top_p, unseeded), items in groups.items():
+        for (max_tokens, temperature, top_p, unseeded, nrng, penalty), items in groups.items():
             idx = [i for i, _ in items]
             seeds = None if unseeded else [requests[i].seed for i in idx]
             gens = generate_batch(
@@ -61,6 +68,8 @@ class LocalBackend:
                 top_p=top_p,
                 seed=seeds,
                 batch_size=self.batch_size,
+                no_repeat_ngram=nrng,
+                repetition_penalty=penalty,
             )
             self.stats += gens.stats
             for i, g in zip(idx, gens, strict=True):

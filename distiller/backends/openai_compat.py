@@ -136,6 +136,12 @@ class OpenAICompatBackend:
         }
         if req.seed is not None:
             body["seed"] = req.seed
+        if req.no_repeat_ngram:
+            # Refused at spec load; a caller building requests by hand gets told, not ignored.
+            raise BackendError("no_repeat_ngram has no OpenAI chat API equivalent")
+        if req.repetition_penalty is not None:
+            # Not in OpenAI's API, but vLLM, mlx_lm.server and others accept it as an extension.
+            body["repetition_penalty"] = req.repetition_penalty
         return body
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
