@@ -12,8 +12,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import mlx.core as mx
 
@@ -186,18 +187,21 @@ def make_sampler(temperature: float = 0.0, top_p: float = 1.0, seed: int | None 
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
 
-def no_repeat_ngram_processor(n: int) -> LogitsProcessor:
+def no_repeat_ngram_processor(n: int, exempt: Collection[int] = ()) -> LogitsProcessor:
     """Forbid any token that would complete an ``n``-gram already in this generation.
 
     A small model decoding greedily tends to copy a sentence into every later section; this
-    makes the copy impossible (the prompt is not counted: restating it is fine). The processor
-    keeps per-sequence state, so make one per sequence.
+    makes the copy impossible (the prompt is not counted: restating it is fine). Tokens in
+    ``exempt`` are never banned: a line break after a phrase that was said before is layout,
+    not a copy, and banning it leaves the model only end-of-text, cutting answers short.
+    The processor keeps per-sequence state, so make one per sequence.
     """
     if n < 2:
         raise ValueError(f"no_repeat_ngram must be >= 2, got {n}")
     generated: list[int] = []
     followers: dict[tuple[int, ...], set[int]] = {}
     context_start: int | None = None
+    exempt = frozenset(exempt)
 
     def process(tokens: mx.array, logits: mx.array) -> mx.array:
         nonlocal context_start
@@ -209,7 +213,8 @@ def no_repeat_ngram_processor(n: int) -> LogitsProcessor:
             generated.append(int(tokens[-1].item()))
             if len(generated) >= n:
                 gram = tuple(generated[-n:])
-                followers.setdefault(gram[:-1], set()).add(gram[-1])
+                if gram[-1] not in exempt:
+                    followers.setdefault(gram[:-1], set()).add(gram[-1])
         if len(generated) < n - 1:
             return logits
         banned = followers.get(tuple(generated[-(n - 1) :]))
@@ -220,8 +225,20 @@ def no_repeat_ngram_processor(n: int) -> LogitsProcessor:
     return process
 
 
+def whitespace_token_ids(tokenizer: Any) -> frozenset[int]:
+    """Ids of the tokens that spell line breaks and spaces (what ``no_repeat_ngram`` exempts)."""
+    ids: set[int] = set()
+    for text in ("\n", "\n\n", "\n\n\n", " ", "  ", " \n", "\t"):
+        for i in tokenizer.encode(text, add_special_tokens=False):
+            if not tokenizer.decode([i]).strip():
+                ids.add(i)
+    return frozenset(ids)
+
+
 def make_logits_processors(
-    no_repeat_ngram: int = 0, repetition_penalty: float | None = None
+    no_repeat_ngram: int = 0,
+    repetition_penalty: float | None = None,
+    exempt: Collection[int] = (),
 ) -> list[LogitsProcessor]:
     """Fresh processors for one sequence (empty when no penalty is asked for)."""
     from mlx_lm.sample_utils import make_logits_processors as mlx_logits_processors
@@ -230,7 +247,7 @@ def make_logits_processors(
     if repetition_penalty is not None and repetition_penalty != 1.0:
         processors += mlx_logits_processors(repetition_penalty=repetition_penalty)
     if no_repeat_ngram:
-        processors.append(no_repeat_ngram_processor(no_repeat_ngram))
+        processors.append(no_repeat_ngram_processor(no_repeat_ngram, exempt))
     return processors
 
 
@@ -296,7 +313,10 @@ def generate_batch(
     eos = sorted(tokenizer.eos_token_ids)
     processors = None
     if no_repeat_ngram or repetition_penalty:
-        processors = [make_logits_processors(no_repeat_ngram, repetition_penalty) for _ in prompts]
+        exempt = whitespace_token_ids(tokenizer) if no_repeat_ngram else ()
+        processors = [
+            make_logits_processors(no_repeat_ngram, repetition_penalty, exempt) for _ in prompts
+        ]
 
     if reset_peak_memory:
         mx.reset_peak_memory()
@@ -432,7 +452,8 @@ def generate_one(
     tokens: list[int] = []
     last = None
     eos = tokenizer.eos_token_ids
-    processors = make_logits_processors(no_repeat_ngram, repetition_penalty)
+    exempt = whitespace_token_ids(tokenizer) if no_repeat_ngram else ()
+    processors = make_logits_processors(no_repeat_ngram, repetition_penalty, exempt)
     for last in stream_generate(
         model,
         tokenizer,

@@ -19,6 +19,7 @@ from distiller.generate import (
     generate_one,
     make_sampler,
     no_repeat_ngram_processor,
+    whitespace_token_ids,
 )
 
 
@@ -219,11 +220,12 @@ def _ngrams(tokens: list[int], n: int) -> list[tuple[int, ...]]:
     n=st.integers(2, 4),
     prompt=st.lists(st.integers(0, 5), min_size=1, max_size=6),
     generated=st.lists(st.integers(0, 5), max_size=30),
+    exempt=st.sets(st.integers(0, 5), max_size=2),
 )
-def test_no_repeat_ngram_bans_exactly_the_completing_tokens(n, prompt, generated):
+def test_no_repeat_ngram_bans_exactly_the_completing_tokens(n, prompt, generated, exempt):
     import mlx.core as mx
 
-    process = no_repeat_ngram_processor(n)
+    process = no_repeat_ngram_processor(n, exempt)
     vocab = 6
     context = list(prompt)
     for step in range(len(generated) + 1):
@@ -233,7 +235,7 @@ def test_no_repeat_ngram_bans_exactly_the_completing_tokens(n, prompt, generated
         want = {
             t
             for t in range(vocab)
-            if len(done) >= n - 1 and (*done[len(done) - n + 1 :], t) in seen
+            if len(done) >= n - 1 and (*done[len(done) - n + 1 :], t) in seen and t not in exempt
         }
         got = {t for t in range(vocab) if out[0, t].item() == float("-inf")}
         assert got == want, (step, done)
@@ -248,8 +250,9 @@ def test_no_repeat_ngram_in_generation(tiny):
     # A random tiny model loops under greedy decoding: the constraint has something to do.
     assert any(len(set(_ngrams(g.tokens, 3))) < len(_ngrams(g.tokens, 3)) for g in free)
     shaped = generate_batch(model, tok, prompts, max_tokens=48, batch_size=2, no_repeat_ngram=3)
+    exempt = whitespace_token_ids(tok)
     for g in shaped:
-        grams = _ngrams(g.tokens, 3)
+        grams = [gram for gram in _ngrams(g.tokens, 3) if gram[-1] not in exempt]
         assert len(set(grams)) == len(grams), g.tokens
         single = generate_one(
             model, tok, prompts[shaped.index(g)], max_tokens=48, no_repeat_ngram=3
@@ -257,6 +260,14 @@ def test_no_repeat_ngram_in_generation(tiny):
         assert single.tokens == g.tokens  # batched and single-stream agree, state is per sequence
     with pytest.raises(ValueError, match=">= 2"):
         no_repeat_ngram_processor(1)
+
+
+def test_line_breaks_are_exempt_from_no_repeat_ngram(tiny):
+    _, tok = tiny
+    exempt = whitespace_token_ids(tok)
+    assert set(tok.encode("\n", add_special_tokens=False)) <= exempt
+    assert all(not tok.decode([i]).strip() for i in exempt)
+    assert not set(tok.encode("MECHANISM", add_special_tokens=False)) & exempt
 
 
 def test_repetition_penalty_changes_greedy_output(tiny):
