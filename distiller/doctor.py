@@ -23,6 +23,9 @@ class GemmSpeed:
         return self.mlx_gflops / self.numpy_gflops if self.numpy_gflops else 0.0
 
 
+REFERENCE_BLAS_RATIO = 0.3  # below this MLX/numpy GEMM ratio, MLX is not on an optimized BLAS
+
+
 @dataclass
 class DoctorReport:
     platform: str
@@ -36,7 +39,8 @@ class DoctorReport:
     gemm: GemmSpeed | None
     cache_dir: str
     cached_models: list[dict] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # exit status 1
+    notes: list[str] = field(default_factory=list)  # worth knowing, not a failure
 
 
 def _best_seconds(fn, repeats: int) -> float:
@@ -97,12 +101,31 @@ def diagnose(measure: bool = True) -> DoctorReport:
     )
     if status.attempted and not status.ok:
         report.problems.append(f"no optimized BLAS: {blas.FIX_HINT}")
-    if report.gemm and report.device == "cpu" and report.gemm.ratio < 0.8:
-        report.problems.append(
-            f"MLX float32 GEMM reaches only {report.gemm.ratio:.2f}x numpy's speed; "
-            f"MLX is probably on its reference BLAS. {blas.FIX_HINT}"
-        )
+    if report.gemm:
+        problems, notes = judge_gemm(report.gemm, report.device)
+        report.problems += problems
+        report.notes += notes
     return report
+
+
+def judge_gemm(gemm: GemmSpeed, device: str) -> tuple[list[str], list[str]]:
+    """(problems, notes) about a GEMM measurement on ``device``."""
+    if device != "cpu":
+        return [], []
+    # The reference BLAS runs at ~0.02-0.05x numpy: far below what a busy machine's noise does
+    # to two back-to-back measurements, so only that is a problem.
+    if gemm.ratio < REFERENCE_BLAS_RATIO:
+        return [
+            f"MLX float32 GEMM reaches only {gemm.ratio:.2f}x numpy's speed; "
+            f"MLX is probably on its reference BLAS. {blas.FIX_HINT}"
+        ], []
+    if gemm.ratio < 0.8:
+        return [], [
+            f"MLX float32 GEMM reached {gemm.ratio:.2f}x numpy's speed in this run; with an "
+            "optimized BLAS it is usually ~1x. Other load on the machine skews this: rerun "
+            "when it is idle."
+        ]
+    return [], []
 
 
 def format_report(report: DoctorReport) -> str:
@@ -124,6 +147,7 @@ def format_report(report: DoctorReport) -> str:
         lines.append("             (empty: `distiller models pull smollm2-135m-instruct`)")
     for m in report.cached_models:
         lines.append(f"             {m['name']:<28} {m['size_mb']:>8.1f} MB  {m['path']}")
+    lines.extend(f"NOTE         {n}" for n in report.notes)
     lines.extend(f"PROBLEM      {p}" for p in report.problems)
     if not report.problems:
         lines.append("status       ok")

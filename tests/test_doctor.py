@@ -27,3 +27,18 @@ def test_doctor_json_reports_blas_gemm_and_cache(tmp_path):
     assert (done.returncode == 0) == (report["problems"] == [])
     if sys.platform.startswith("linux") and report["blas_loaded"]:
         assert "mlx_cpu.libs" not in report["blas_resolved"]
+
+
+def test_only_a_reference_blas_speed_is_a_problem():
+    from distiller.doctor import GemmSpeed, judge_gemm
+
+    problems, notes = judge_gemm(GemmSpeed(1024, mlx_gflops=4.8, numpy_gflops=200.0), "cpu")
+    assert len(problems) == 1 and "reference BLAS" in problems[0] and not notes
+    # A busy machine skews one of two back-to-back timings: worth a note, not a failure.
+    problems, notes = judge_gemm(GemmSpeed(1024, mlx_gflops=97.0, numpy_gflops=138.0), "cpu")
+    assert not problems and "0.70x" in notes[0]
+    assert judge_gemm(GemmSpeed(1024, mlx_gflops=190.0, numpy_gflops=200.0), "cpu") == ([], [])
+    assert judge_gemm(GemmSpeed(1024, mlx_gflops=1.0, numpy_gflops=200.0), "gpu (metal)") == (
+        [],
+        [],
+    )

@@ -81,6 +81,7 @@ def test_structured_cot_loads_with_the_intended_settings(cot):
     assert s.train.max_seq_length == 512 and s.train.batch_size == 4
     assert (cot.split.train, cot.split.valid, cot.split.test, cot.split.seed) == (0.7, 0.1, 0.2, 0)
     assert cot.eval.thresholds == {"format_rate": 0.9} and cot.eval.max_tokens == 200
+    assert cot.eval.no_repeat_ngram == cot.teacher.decoding.no_repeat_ngram == 4
     # Prompts are the template applied to the scenario; the scenario is kept in meta.
     p = cot.prompts[0]
     assert p.text == "Analyze this distributed-systems failure: " + p.meta["scenario"]
