@@ -22,7 +22,7 @@ import json
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -550,6 +550,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, help="default: the spec's eval.max_tokens")
     parser.add_argument("--batch-size", type=int, help="default: the spec's eval.batch_size")
     parser.add_argument(
+        "--no-repeat-ngram",
+        type=int,
+        metavar="N",
+        help="forbid generating any N-gram twice (0 = off; default: the spec's "
+        "eval.no_repeat_ngram)",
+    )
+    parser.add_argument(
+        "--repetition-penalty",
+        type=float,
+        metavar="P",
+        help="penalize tokens already in the context (default: the spec's eval.repetition_penalty)",
+    )
+    parser.add_argument(
         "--latency", type=int, default=0, metavar="N", help="also time N prompts single-stream"
     )
 
@@ -561,7 +574,21 @@ def run_cli(args: argparse.Namespace) -> int:
         value = getattr(args, opt)
         if value is not None and value <= 0:
             raise UserError(f"--{opt.replace('_', '-')} must be > 0, got {value}")
+    if args.no_repeat_ngram is not None and (args.no_repeat_ngram < 0 or args.no_repeat_ngram == 1):
+        raise UserError(f"--no-repeat-ngram must be 0 (off) or >= 2, got {args.no_repeat_ngram}")
+    if args.repetition_penalty is not None and args.repetition_penalty <= 0:
+        raise UserError(f"--repetition-penalty must be > 0, got {args.repetition_penalty}")
     spec = load_spec(args.task)
+    overrides = {
+        k: v
+        for k, v in (
+            ("no_repeat_ngram", args.no_repeat_ngram),
+            ("repetition_penalty", args.repetition_penalty),
+        )
+        if v is not None
+    }
+    if overrides:
+        spec = replace(spec, eval=replace(spec.eval, **overrides))
     set_name, prompts = resolve_prompts(spec, args.prompts)
     if not prompts:
         raise UserError(f"--prompts {args.prompts}: no prompts")

@@ -166,3 +166,19 @@ def test_cli_eval(tiny_model_dir, tmp_path):
         timeout=120,
     )
     assert bad.returncode == 2 and "split:test" in bad.stderr
+    shaped = tmp_path / "shaped.jsonl"
+    proc = subprocess.run(
+        [*cmd, "--task", str(spec), "--out", str(shaped), "--no-repeat-ngram", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert E.read_result(shaped).metrics["no_repeat_ngram"] == 2
+    bad = subprocess.run(
+        [*cmd, "--task", str(spec), "--no-repeat-ngram", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and ">= 2, got 1" in bad.stderr
