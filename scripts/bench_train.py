@@ -8,6 +8,7 @@ same architecture is built with random weights so the benchmark needs no downloa
   .venv/bin/python scripts/bench_train.py                   # the trainer's step (compiled)
   .venv/bin/python scripts/bench_train.py --no-compile      # plain step, for comparison
   .venv/bin/python scripts/bench_train.py --supervised 0.5  # half the tokens are (masked) prompt
+  DISTILLER_FAST_OPS=0 .venv/bin/python scripts/bench_train.py  # stock mx.exp-based ops
 
 tokens/s counts every token of the batch (B x L), supervised or not.
 """
@@ -47,9 +48,12 @@ def build_model(model: str | None):
         return load_model(model)[0]
     from mlx_lm.models import llama
 
+    from distiller import fast_ops
+
     m = llama.Model(llama.ModelArgs.from_dict(SMOLLM2_135M))
     m.set_dtype(mx.float32)
     mx.eval(m.parameters())
+    fast_ops.patch_model(m)  # as distiller.models.load_model does
     return m
 
 

@@ -8,6 +8,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from distiller import fast_ops
 from distiller.device import compute_dtype
 from distiller.errors import UserError
 from distiller.models import registry
@@ -82,6 +83,7 @@ def load_model(
             target = compute_dtype(floats[0] if floats else None)
         model.set_dtype(target)
         mx.eval(model.parameters())
+    fast_ops.patch_model(model)
     return model, tokenizer
 
 

@@ -12,6 +12,8 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from distiller import fast_ops as F
+
 DIVERGENCES = ("kl", "reverse_kl", "jsd")
 
 
@@ -25,7 +27,7 @@ def masked_cross_entropy(
     logits: mx.array, targets: mx.array, mask: mx.array
 ) -> tuple[mx.array, mx.array]:
     """Mean next-token cross-entropy over supervised tokens; returns (loss, n_tokens)."""
-    ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets)
+    ce = F.cross_entropy(logits.astype(mx.float32), targets)
     return _masked_mean(ce, mask)
 
 
@@ -44,14 +46,14 @@ def token_divergence(
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
     t = float(temperature)
-    log_p = nn.log_softmax(teacher_logits.astype(mx.float32) / t, axis=-1)
-    log_q = nn.log_softmax(student_logits.astype(mx.float32) / t, axis=-1)
+    log_p = F.log_softmax(teacher_logits.astype(mx.float32) / t, axis=-1)
+    log_q = F.log_softmax(student_logits.astype(mx.float32) / t, axis=-1)
     if divergence == "kl":
-        d = (mx.exp(log_p) * (log_p - log_q)).sum(-1)
+        d = (F.exp(log_p) * (log_p - log_q)).sum(-1)
     elif divergence == "reverse_kl":
-        d = (mx.exp(log_q) * (log_q - log_p)).sum(-1)
+        d = (F.exp(log_q) * (log_q - log_p)).sum(-1)
     else:
-        p, q = mx.exp(log_p), mx.exp(log_q)
+        p, q = F.exp(log_p), F.exp(log_q)
         # log of the mixture, computed stably from the two log-probabilities.
         log_m = mx.logaddexp(log_p, log_q) - math.log(2.0)
         d = 0.5 * (p * (log_p - log_m)).sum(-1) + 0.5 * (q * (log_q - log_m)).sum(-1)
@@ -116,7 +118,7 @@ def logit_kd_loss(
 
 def token_logprobs(logits: mx.array, targets: mx.array) -> mx.array:
     """log p(target) per position."""
-    return -nn.losses.cross_entropy(logits.astype(mx.float32), targets)
+    return -F.cross_entropy(logits.astype(mx.float32), targets)
 
 
 def sequence_logprobs(logits: mx.array, targets: mx.array, mask: mx.array) -> mx.array:
