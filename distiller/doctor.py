@@ -39,6 +39,7 @@ class DoctorReport:
     gemm: GemmSpeed | None
     cache_dir: str
     cached_models: list[dict] = field(default_factory=list)
+    fast_ops: bool = False  # distiller.fast_ops' CPU path (exp as a power of two) in use
     problems: list[str] = field(default_factory=list)  # exit status 1
     notes: list[str] = field(default_factory=list)  # worth knowing, not a failure
 
@@ -73,6 +74,7 @@ def measure_gemm(size: int = 1024, repeats: int = 8) -> GemmSpeed:
 def diagnose(measure: bool = True) -> DoctorReport:
     import mlx.core as mx
 
+    from distiller import fast_ops
     from distiller.device import device_name
     from distiller.models.registry import cache_root, cached_models, dir_size
 
@@ -98,6 +100,7 @@ def diagnose(measure: bool = True) -> DoctorReport:
             {"name": name, "path": str(path), "size_mb": dir_size(path) / 1e6}
             for name, path in sorted(cached_models().items())
         ],
+        fast_ops=fast_ops.enabled(),
     )
     if status.attempted and not status.ok:
         report.problems.append(f"no optimized BLAS: {blas.FIX_HINT}")
@@ -142,6 +145,14 @@ def format_report(report: DoctorReport) -> str:
             f"gemm f32     {g.size}x{g.size}: mlx {g.mlx_gflops:.1f} GFLOP/s, "
             f"numpy {g.numpy_gflops:.1f} GFLOP/s (ratio {g.ratio:.2f})"
         )
+    lines.append(
+        "exp ops      "
+        + (
+            "fast CPU path: exp as 2**(x log2 e) (DISTILLER_FAST_OPS=0 for the stock ops)"
+            if report.fast_ops
+            else "stock MLX ops"
+        )
+    )
     lines.append(f"model cache  {report.cache_dir}")
     if not report.cached_models:
         lines.append("             (empty: `distiller models pull smollm2-135m-instruct`)")

@@ -23,6 +23,7 @@ def test_doctor_json_reports_blas_gemm_and_cache(tmp_path):
     assert gemm["mlx_gflops"] > 0 and gemm["numpy_gflops"] > 0
     assert report["cache_dir"] == str(tmp_path)
     assert report["cached_models"] == []
+    assert report["fast_ops"] == (report["device"] == "cpu")
     # The exit code says whether doctor found a problem, and every problem is spelled out.
     assert (done.returncode == 0) == (report["problems"] == [])
     if sys.platform.startswith("linux") and report["blas_loaded"]:
