@@ -92,13 +92,23 @@ def summarize(result: Any, latency: dict[str, Any] | None = None) -> dict[str, A
     return out
 
 
+MODEL_ORDER = ("teacher", "vanilla", "distilled")
+
+
+def _row_order(s: dict[str, Any]) -> tuple:
+    """Task, then the held-out split before extra prompt sets, then teacher, vanilla, distilled
+    (other names after them, alphabetically): results arrive in whatever order they were made."""
+    rank = MODEL_ORDER.index(s["model"]) if s["model"] in MODEL_ORDER else len(MODEL_ORDER)
+    return (s["task"], not s["prompt_set"].startswith("split:"), s["prompt_set"], rank, s["model"])
+
+
 def comparison_frame(summaries: Sequence[dict[str, Any]], reference: str = "vanilla") -> Any:
     """One row per (task, prompt set, model); deltas against the ``reference`` model's row."""
     import pandas as pd
 
     rows = []
     by_key = {(s["task"], s["prompt_set"], s["model"]): s for s in summaries}
-    for s in summaries:
+    for s in sorted(summaries, key=_row_order):
         ref = by_key.get((s["task"], s["prompt_set"], reference))
         lat = s.get("latency") or {}
         tm = main_task_metric(s["task_metrics"])
@@ -135,7 +145,14 @@ def frame_markdown(frame: Any) -> str:
 
     if len(frame) == 0:
         return "(no results)"
-    return tabulate(frame.fillna("").to_dict("list"), headers="keys", tablefmt="github")
+    # deltas are text ("+0.60"): parsed as numbers they would lose their sign
+    deltas = [i for i, c in enumerate(frame.columns) if str(c).startswith("Δ")]
+    return tabulate(
+        frame.fillna("").to_dict("list"),
+        headers="keys",
+        tablefmt="github",
+        disable_numparse=deltas or False,
+    )
 
 
 def _clip(text: str, n: int) -> str:

@@ -64,6 +64,17 @@ def test_comparison_frame_has_figures_and_deltas(results):
     assert pytest.approx(0.2) == frame.set_index("model").loc["vanilla", "A"]
     md = R.frame_markdown(frame)
     assert md.splitlines()[0].startswith("| task") and "distilled" in md
+    assert "+0.60" in md.splitlines()[-1]  # the delta keeps its sign in the table
+
+
+def test_comparison_rows_are_ordered_split_first_then_teacher_vanilla_distilled(results):
+    unseen = [make_result(r.model, [True, False]) for r in results]
+    for r in unseen:
+        r.prompt_set = "set:unseen"
+    mixed = [unseen[2], results[1], unseen[0], results[2], unseen[1], results[0]]
+    frame = R.comparison_frame([R.summarize(r) for r in mixed])
+    assert [p.split(" ")[0] for p in frame["prompts"]] == ["split:test"] * 3 + ["set:unseen"] * 3
+    assert list(frame["model"]) == ["teacher", "vanilla", "distilled"] * 2
 
 
 def test_samples_side_by_side(results):
