@@ -121,6 +121,9 @@ def attention(
     head; the softmax uses the fast ``exp``. Anything unusual (attention sinks, a quantized
     cache, an unknown mask layout, a non-CPU device) goes to the stock implementation.
     """
+    attend = getattr(cache, "attend", None)
+    if attend is not None:  # a shared-prefix cache computes its two-part attention itself
+        return attend(queries, keys, values, scale, mask)
     B, H, L, D = queries.shape
     kv_heads, S = keys.shape[1], keys.shape[2]
     if not enabled() or sinks is not None or hasattr(cache, "bits") or H % kv_heads:
@@ -168,4 +171,10 @@ def patch_model(model: nn.Module) -> bool:
         if current is not None and current is not replacement:
             setattr(module, name, replacement)
             swapped = True
-    return swapped or any(getattr(module, n, None) is f for n, f in _PATCHES.items())
+    return swapped or is_patched(model)
+
+
+def is_patched(model: nn.Module) -> bool:
+    """Whether the model's module calls the ops above."""
+    module = sys.modules.get(type(model).__module__)
+    return module is not None and any(getattr(module, n, None) is f for n, f in _PATCHES.items())
