@@ -218,48 +218,42 @@ def compare(
     spec: TaskSpec,
     run: RunResult | None,
     limit: int | None = None,
-    latency_prompts: int = 2,
+    latency_prompts: int = 1,
     sets: list[str] | None = None,
 ) -> tuple[list, dict[str, dict]]:
     """Evaluate every contender on every prompt set (cached in the run dir by input hash).
 
-    Returns (EvalResults, single-stream latency per contender name).
+    Returns (EvalResults, single-stream latency per contender name). Latency is one whole
+    answer per model after a warm-up by default (~15 s each here); the throughput benchmarks
+    in ``evals/`` time more rounds.
     """
-    from distiller.evaluate import cached_evaluate, resolve_prompts
+    from distiller.evaluate import cached_evaluate_together, resolve_prompts
     from distiller.models import load_model
 
     run_dir = run.run_dir if run is not None else default_run_dir(spec)
     cache = run_dir / "eval"
+    sets = dict(resolve_prompts(spec, which) for which in sets or prompt_sets(spec))
+    sets = {name: prompts for name, prompts in sets.items() if prompts}
     results, latency = [], {}
+    if not sets:
+        return results, latency
     for who in contenders(spec, run):
-        loaded = None
-        for which in sets or prompt_sets(spec):
-            set_name, prompts = resolve_prompts(spec, which)
-            if not prompts:
-                continue
-            if loaded is None:
-                loaded = load_model(who.model)
-            result = cached_evaluate(
-                who.model,
+        loaded = load_model(who.model)
+        # Every prompt set in one batched pass: fuller batches decode much faster on a CPU.
+        together = cached_evaluate_together(
+            who.model, spec, sets, cache, style=who.style, limit=limit, name=who.name, loaded=loaded
+        )
+        results.extend(together.values())
+        if latency_prompts:
+            first = next(iter(together.values()))
+            latency[who.name] = _latency(
+                cache / f"latency-{first.key[:16]}.json",
                 spec,
-                prompts,
-                cache,
-                style=who.style,
-                limit=limit,
-                prompt_set=set_name,
-                name=who.name,
-                loaded=loaded,
+                who,
+                next(iter(sets.values())),
+                loaded,
+                latency_prompts,
             )
-            results.append(result)
-            if latency_prompts and who.name not in latency:
-                latency[who.name] = _latency(
-                    cache / f"latency-{result.key[:16]}.json",
-                    spec,
-                    who,
-                    prompts,
-                    loaded,
-                    latency_prompts,
-                )
     return results, latency
 
 

@@ -282,23 +282,34 @@ class Harness:
     # -- evaluations
 
     def evaluate(self, model_name: str, prompt_set: str, task: str | None = None) -> Any:
-        from distiller.evaluate import cached_evaluate
+        """The model's evaluation on one prompt set. The first request for a model evaluates
+        it on every prompt set of the task in one batched pass (much faster on a CPU than a
+        pass per set); each set is cached on disk under its own key."""
+        from distiller.evaluate import cached_evaluate_together
 
         spec = self.spec(task)
         key = (spec.name, model_name, prompt_set)
         if key not in self._results:
             m = self.model(model_name, spec.name)
-            prompts = self.prompt_sets(spec.name)[prompt_set]
-            self._results[key] = cached_evaluate(
+            sets = self.prompt_sets(spec.name)
+            if prompt_set not in sets:
+                raise KeyError(f"{spec.name} has no prompt set {prompt_set!r}")
+            together = cached_evaluate_together(
                 m.ref,
                 spec,
-                prompts,
+                {
+                    k: v
+                    for k, v in sets.items()
+                    if v and (spec.name, model_name, k) not in self._results
+                }
+                | {prompt_set: sets[prompt_set]},
                 self.run_dir(spec.name) / "eval",
                 style=m.style,
-                prompt_set=prompt_set,
                 name=model_name,
                 loaded=m.load(),
             )
+            for k, result in together.items():
+                self._results[(spec.name, model_name, k)] = result
         return self._results[key]
 
     @property

@@ -97,6 +97,28 @@ def test_cached_evaluate_reuses_and_invalidates(tiny_model_dir, tiny_spec, tmp_p
     assert not other.reused and other.key != first.key
 
 
+def test_sets_evaluated_together_equal_sets_evaluated_alone(tiny_model_dir, tiny_spec, tmp_path):
+    """One joint pass gives each set the records a pass of its own gives; each set is cached
+    under its own key, so a later request for one set alone reuses it."""
+    sets = {"a": tiny_spec.prompts[:2], "b": tiny_spec.prompts[2:]}
+    together = E.cached_evaluate_together(tiny_model_dir, tiny_spec, sets, tmp_path)
+    assert list(together) == ["a", "b"]
+    for name, prompts in sets.items():
+        alone = E.evaluate(tiny_model_dir, tiny_spec, prompts, prompt_set=name, progress=False)
+        assert together[name].records == alone.records
+        assert together[name].metrics["n"] == len(prompts)
+        assert together[name].metrics["generated_with"] == ["a", "b"]
+        assert together[name].prompt_set == name
+        reused = E.cached_evaluate(tiny_model_dir, tiny_spec, prompts, tmp_path, prompt_set=name)
+        assert reused.reused and reused.key == together[name].key
+    # A new set next to a cached one: only the new one is generated.
+    more = E.cached_evaluate_together(
+        tiny_model_dir, tiny_spec, {"a": sets["a"], "c": tiny_spec.prompts[1:3]}, tmp_path
+    )
+    assert more["a"].reused and not more["c"].reused
+    assert more["c"].metrics["generated_with"] == ["c"]
+
+
 def test_resolve_prompts(tiny_spec, tmp_path):
     name, test = E.resolve_prompts(tiny_spec, "split:test")
     assert name == "split:test" and len(test) == 2
