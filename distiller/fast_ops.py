@@ -174,7 +174,8 @@ def patch_model(model: nn.Module) -> bool:
     return swapped or is_patched(model)
 
 
-def is_patched(model: nn.Module) -> bool:
-    """Whether the model's module calls the ops above."""
+def is_patched(model: nn.Module, name: str | None = None) -> bool:
+    """Whether the model's module calls our op ``name`` (any of them when None)."""
     module = sys.modules.get(type(model).__module__)
-    return module is not None and any(getattr(module, n, None) is f for n, f in _PATCHES.items())
+    names = [name] if name is not None else list(_PATCHES)
+    return module is not None and any(getattr(module, n, None) is _PATCHES[n] for n in names)

@@ -378,19 +378,41 @@ def generate_batch(
     finally:
         gen.close()
 
+    return _collect(
+        prompts,
+        results,
+        prefix_len=prefix_len,
+        prompt_time=bstats.prompt_time + prefix_time,
+        generation_tokens=sum(produced),
+        decode_time=bstats.decode_time,
+        start=start,
+    )
+
+
+def _collect(
+    prompts: list[list[int]],
+    results: list[Generation | None],
+    *,
+    prefix_len: int,
+    prompt_time: float,
+    generation_tokens: int,
+    decode_time: float,
+    start: float,
+) -> Generations:
+    """The finished generations in prompt order, with the run's stats on each and on the list."""
     stats = GenerationStats(
         sequences=len(prompts),
         prompt_tokens=sum(len(p) for p in prompts),
         cached_prompt_tokens=prefix_len * (len(prompts) - 1) if prefix_len else 0,
-        prompt_time=bstats.prompt_time + prefix_time,
-        generation_tokens=sum(produced),
-        decode_time=bstats.decode_time,
+        prompt_time=prompt_time,
+        generation_tokens=generation_tokens,
+        decode_time=decode_time,
         wall_time=time.perf_counter() - start,
         peak_memory_gb=mx.get_peak_memory() / 1e9,
     )
     out = Generations([], stats)
     for g in results:
-        assert g is not None  # every inserted sequence ends with a finish_reason
+        assert g is not None  # every sequence ends with a finish_reason (stop or length)
         g.prompt_tps, g.generation_tps = stats.prompt_tps, stats.generation_tps
         g.peak_memory_gb = stats.peak_memory_gb
         out.append(g)
@@ -442,7 +464,8 @@ def _generate_with_shared_prefix(
     """
     from distiller.shared_prefix import prefix_caches
 
-    prefix_len, prefix_cache, prompt_time = _prefill_prefix(model, prompts)
+    prefix_len = shared_prefix_length(prompts)
+    prefix_cache, prompt_time = _prefill_prefix(model, prompts[0][:prefix_len])
     results: list[Generation | None] = [None] * len(prompts)
     generated = 0
     decode_time = 0.0
@@ -499,9 +522,9 @@ def _generate_with_shared_prefix(
                     tokens=tokens[i],
                     elapsed_s=time.perf_counter() - start,
                 )
-            if progress is not None and len(keep) < len(rows):
-                progress(len(rows) - len(keep))
             if len(keep) < len(rows):
+                if progress is not None:
+                    progress(len(rows) - len(keep))
                 rows = [rows[k] for k in keep]
                 if not rows:
                     break
@@ -511,37 +534,28 @@ def _generate_with_shared_prefix(
             logits = model(step, cache=cache)[:, -1, :]
         decode_time += time.perf_counter() - t0
 
-    stats = GenerationStats(
-        sequences=len(prompts),
-        prompt_tokens=sum(len(p) for p in prompts),
-        cached_prompt_tokens=prefix_len * (len(prompts) - 1),
+    return _collect(
+        prompts,
+        results,
+        prefix_len=prefix_len,
         prompt_time=prompt_time,
         generation_tokens=generated,
         decode_time=decode_time,
-        wall_time=time.perf_counter() - start,
-        peak_memory_gb=mx.get_peak_memory() / 1e9,
+        start=start,
     )
-    out = Generations([], stats)
-    for g in results:
-        assert g is not None  # every sequence ends with stop or length
-        g.prompt_tps, g.generation_tps = stats.prompt_tps, stats.generation_tps
-        g.peak_memory_gb = stats.peak_memory_gb
-        out.append(g)
-    return out
 
 
-def _prefill_prefix(model, prompts: list[list[int]]) -> tuple[int, list, float]:
-    """(length, a single-sequence KV cache holding the prompts' shared prefix, seconds spent)."""
+def _prefill_prefix(model, prefix: list[int]) -> tuple[list, float]:
+    """(a single-sequence KV cache holding ``prefix``, seconds spent)."""
     from mlx_lm.models.cache import make_prompt_cache
 
     start = time.perf_counter()
-    n = shared_prefix_length(prompts)
     cache = make_prompt_cache(model)
     step = 512  # prefill in chunks, as mlx-lm does, to bound activation memory
-    for i in range(0, n, step):
-        model(mx.array(prompts[0][i : min(i + step, n)])[None], cache=cache)
+    for i in range(0, len(prefix), step):
+        model(mx.array(prefix[i : i + step])[None], cache=cache)
         mx.eval([c.state for c in cache])
-    return n, cache, time.perf_counter() - start
+    return cache, time.perf_counter() - start
 
 
 def _prefill_shared_prefix(
@@ -554,7 +568,7 @@ def _prefill_shared_prefix(
     if n < max(min_length, 1):
         return 0, None, 0.0
     start = time.perf_counter()
-    n, cache, _ = _prefill_prefix(model, prompts)
+    cache, _ = _prefill_prefix(model, prompts[0][:n])
     caches = [copy.deepcopy(cache) for _ in prompts]
     return n, caches, time.perf_counter() - start
 

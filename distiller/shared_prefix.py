@@ -134,10 +134,8 @@ def prefix_caches(prefix_cache: list, padding: list[int]) -> list[SharedPrefixCa
 def supported(model) -> bool:
     """Whether ``model``'s attention goes through ``fast_ops.attention`` (which knows this
     cache) and its cache layers are plain KV caches."""
-    import sys
-
     from mlx_lm.models.cache import KVCache, make_prompt_cache
 
-    module = sys.modules.get(type(model).__module__)
-    patched = getattr(module, "scaled_dot_product_attention", None) is fast_ops.attention
-    return patched and all(type(c) is KVCache for c in make_prompt_cache(model))
+    return fast_ops.is_patched(model, "scaled_dot_product_attention") and all(
+        type(c) is KVCache for c in make_prompt_cache(model)
+    )
