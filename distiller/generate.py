@@ -12,13 +12,20 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import mlx.core as mx
 
-Sampler = Callable[[mx.array], mx.array]
+from distiller import fast_ops
+from distiller.sampling import (
+    LogitsProcessor,
+    Sampler,
+    make_logits_processors,
+    make_sampler,
+    sample_rows,
+    whitespace_token_ids,
+)
 
 
 @dataclass
@@ -148,107 +155,6 @@ def chat_prompt(tokenizer, messages: list[dict], add_generation_prompt: bool = T
     if isinstance(ids, dict):
         ids = ids["input_ids"]
     return list(ids)
-
-
-# -- sampling ------------------------------------------------------------------------------
-
-
-def make_sampler(temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> Sampler:
-    """A sampler for one sequence. Greedy at temperature 0; with a seed it owns its PRNG key.
-
-    A keyed sampler splits its own key every step, so the sequence of draws depends only on
-    the seed and the logits, never on global RNG state or on other sequences in the batch.
-    """
-    from mlx_lm.sample_utils import apply_top_p, greedy_sampler
-    from mlx_lm.sample_utils import make_sampler as mlx_make_sampler
-
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if temperature == 0:
-        return greedy_sampler
-    if seed is None:
-        return mlx_make_sampler(temp=temperature, top_p=top_p if top_p < 1 else 0.0)
-
-    key = mx.random.key(seed)
-    inv_temp = 1.0 / temperature
-
-    def sample(logprobs: mx.array) -> mx.array:
-        nonlocal key
-        key, sub = mx.random.split(key)
-        if top_p < 1:
-            logprobs = apply_top_p(logprobs, top_p)
-        return mx.random.categorical(logprobs * inv_temp, key=sub)
-
-    return sample
-
-
-LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
-
-
-def no_repeat_ngram_processor(n: int, exempt: Collection[int] = ()) -> LogitsProcessor:
-    """Forbid any token that would complete an ``n``-gram already in this generation.
-
-    A small model decoding greedily tends to copy a sentence into every later section; this
-    makes the copy impossible (the prompt is not counted: restating it is fine). Tokens in
-    ``exempt`` are never banned: a line break after a phrase that was said before is layout,
-    not a copy, and banning it leaves the model only end-of-text, cutting answers short.
-    The processor keeps per-sequence state, so make one per sequence.
-    """
-    if n < 2:
-        raise ValueError(f"no_repeat_ngram must be >= 2, got {n}")
-    generated: list[int] = []
-    followers: dict[tuple[int, ...], set[int]] = {}
-    context_start: int | None = None
-    exempt = frozenset(exempt)
-
-    def process(tokens: mx.array, logits: mx.array) -> mx.array:
-        nonlocal context_start
-        # ``tokens`` is the context so far; its last token is the one just sampled (on the
-        # first call, the prompt's last token, which is not part of the generation).
-        if context_start is None:
-            context_start = tokens.size
-        else:
-            generated.append(int(tokens[-1].item()))
-            if len(generated) >= n:
-                gram = tuple(generated[-n:])
-                if gram[-1] not in exempt:
-                    followers.setdefault(gram[:-1], set()).add(gram[-1])
-        if len(generated) < n - 1:
-            return logits
-        banned = followers.get(tuple(generated[-(n - 1) :]))
-        if not banned:
-            return logits
-        return logits.at[:, mx.array(sorted(banned))].add(float("-inf"))
-
-    return process
-
-
-def whitespace_token_ids(tokenizer: Any) -> frozenset[int]:
-    """Ids of the tokens that spell line breaks and spaces (what ``no_repeat_ngram`` exempts)."""
-    ids: set[int] = set()
-    for text in ("\n", "\n\n", "\n\n\n", " ", "  ", " \n", "\t"):
-        for i in tokenizer.encode(text, add_special_tokens=False):
-            if not tokenizer.decode([i]).strip():
-                ids.add(i)
-    return frozenset(ids)
-
-
-def make_logits_processors(
-    no_repeat_ngram: int = 0,
-    repetition_penalty: float | None = None,
-    exempt: Collection[int] = (),
-) -> list[LogitsProcessor]:
-    """Fresh processors for one sequence (empty when no penalty is asked for)."""
-    from mlx_lm.sample_utils import make_logits_processors as mlx_logits_processors
-
-    processors: list[LogitsProcessor] = []
-    if repetition_penalty is not None and repetition_penalty != 1.0:
-        processors += mlx_logits_processors(repetition_penalty=repetition_penalty)
-    if no_repeat_ngram:
-        processors.append(no_repeat_ngram_processor(no_repeat_ngram, exempt))
-    return processors
 
 
 def _seeds(seed: int | Sequence[int] | None, n: int) -> list[int | None]:
@@ -435,7 +341,7 @@ def use_shared_prefix(model, prompts: Sequence[Sequence[int]], min_length: int) 
     """Whether to decode with one shared prefix cache (``distiller.shared_prefix``): the prompts
     share ``min_length`` or more leading tokens, the model's attention supports it, and MLX
     runs on the CPU (where it was measured faster; elsewhere the copied caches are used)."""
-    from distiller import fast_ops, shared_prefix
+    from distiller import shared_prefix
 
     return (
         fast_ops.enabled()
@@ -495,13 +401,7 @@ def _generate_with_shared_prefix(
                         row = process(mx.array(contexts[i]), row)
                     shaped.append(row)
                 logits = mx.concatenate(shaped, axis=0)
-            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            if all(samplers[i] is samplers[rows[0]] for i in rows):
-                sampled = samplers[rows[0]](logprobs)
-            else:
-                sampled = mx.concatenate(
-                    [samplers[i](logprobs[k : k + 1]) for k, i in enumerate(rows)], axis=0
-                )
+            sampled = sample_rows([samplers[i] for i in rows], logits)
             keep = []
             for k, (i, token) in enumerate(zip(rows, sampled.tolist(), strict=True)):
                 generated += 1

@@ -12,15 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tiny_lm import build_tiny_model_dir  # tests/ is on sys.path (pytest rootdir import)
 
-from distiller.generate import (
-    build_messages,
-    chat_prompt,
-    generate_batch,
-    generate_one,
-    make_sampler,
-    no_repeat_ngram_processor,
-    whitespace_token_ids,
-)
+from distiller.generate import build_messages, chat_prompt, generate_batch, generate_one
+from distiller.sampling import make_sampler, no_repeat_ngram_processor, whitespace_token_ids
 
 
 @pytest.fixture(scope="module")
