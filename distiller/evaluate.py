@@ -161,7 +161,7 @@ def render_messages(spec: TaskSpec, prompt: Prompt, style: str) -> list[dict]:
 
 def resolve_prompts(spec: TaskSpec, which: str) -> tuple[str, list[Prompt]]:
     """A prompt set by name: ``split:test|valid|train``, ``set:NAME`` (eval.prompt_sets),
-    ``all``, or a YAML/JSONL file (read with the spec's prompt rules). Returns (name, prompts)."""
+    ``dev`` (eval.dev), ``all``, or a YAML/JSONL file (read with the spec's prompt rules). Returns (name, prompts)."""
     if which.startswith("split:"):
         from distiller.dataset import split_prompts
 
@@ -177,6 +177,10 @@ def resolve_prompts(spec: TaskSpec, which: str) -> tuple[str, list[Prompt]]:
         return f"set:{name}", list(spec.eval.prompt_sets[name])
     if which == "all":
         return "all", list(spec.prompts)
+    if which == "dev":
+        if not spec.eval.dev:
+            raise UserError(f"--prompts dev: the spec {spec.path} has no eval.dev prompts")
+        return "dev", list(spec.eval.dev)
     path = Path(which)
     if not path.exists():
         raise UserError(
@@ -378,6 +382,7 @@ def evaluate_together(
             batch_size=batch_size,
             no_repeat_ngram=spec.eval.no_repeat_ngram,
             repetition_penalty=spec.eval.repetition_penalty,
+            stop=spec.eval.stop,
             progress=bar.update if bar is not None else None,
             reset_peak_memory=True,
         )
@@ -434,6 +439,7 @@ def evaluate_together(
             "batch_size": batch_size,
             "no_repeat_ngram": spec.eval.no_repeat_ngram,
             "repetition_penalty": spec.eval.repetition_penalty,
+            "stop": list(spec.eval.stop),
             "generated_with": list(sets),
         }
         results[set_name] = EvalResult(
@@ -474,6 +480,8 @@ def eval_key(
             "max_tokens": max_tokens or spec.eval.max_tokens,
             "batch_size": batch_size or spec.eval.batch_size,
             "logit_shaping": [spec.eval.no_repeat_ngram, spec.eval.repetition_penalty],
+            # Only when set, so results cached before stop strings existed stay valid.
+            **({"stop": list(spec.eval.stop)} if spec.eval.stop else {}),
         }
     )
 
@@ -613,7 +621,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--prompts",
         default="split:test",
         help="split:test|valid|train (held-out split of the spec's prompts), set:NAME "
-        "(eval.prompt_sets), all, or a YAML/JSONL prompts file (default: split:test)",
+        "(eval.prompt_sets), dev (eval.dev: for choosing settings), all, or a YAML/JSONL "
+        "prompts file (default: split:test)",
     )
     parser.add_argument(
         "--style",
@@ -640,6 +649,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="penalize tokens already in the context (default: the spec's eval.repetition_penalty)",
     )
     parser.add_argument(
+        "--stop",
+        action="append",
+        metavar="TEXT",
+        help="end each generation at TEXT (repeatable; --stop '' for none; default: the spec's "
+        "eval.stop)",
+    )
+    parser.add_argument(
         "--latency", type=int, default=0, metavar="N", help="also time N prompts single-stream"
     )
 
@@ -661,6 +677,7 @@ def run_cli(args: argparse.Namespace) -> int:
         for k, v in (
             ("no_repeat_ngram", args.no_repeat_ngram),
             ("repetition_penalty", args.repetition_penalty),
+            ("stop", None if args.stop is None else tuple(x for x in args.stop if x)),
         )
         if v is not None
     }

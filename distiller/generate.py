@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import mlx.core as mx
 
@@ -33,7 +34,8 @@ class Generation:
     """One generated completion.
 
     ``generation_tokens`` counts every token the model produced, including a final stop
-    token (it cost a decode step); ``tokens`` and ``text`` exclude the stop token.
+    token (it cost a decode step); ``tokens`` and ``text`` exclude the stop token. A generation
+    ended by a stop string keeps every token in ``tokens``; its ``text`` ends before the string.
     ``elapsed_s`` is the time from the start of the call until this sequence finished.
     ``prompt_tps`` / ``generation_tps`` are per-sequence only on the single-stream path;
     in a batch they are the batch aggregates (see ``GenerationStats``).
@@ -42,7 +44,7 @@ class Generation:
     text: str
     prompt_tokens: int
     generation_tokens: int
-    finish_reason: str  # "stop" (EOS) or "length" (max_tokens)
+    finish_reason: str  # "stop" (EOS or a stop string) or "length" (max_tokens)
     tokens: list[int] = field(default_factory=list)
     elapsed_s: float = 0.0
     prompt_tps: float = 0.0
@@ -169,6 +171,34 @@ def _seeds(seed: int | Sequence[int] | None, n: int) -> list[int | None]:
     return seeds
 
 
+class StopStrings:
+    """Where a generation meets one of its stop strings (OpenAI's ``stop``).
+
+    Checked after every token on the decoded tail only: a string of L characters spans at most
+    L tokens, plus one straddling its start. ``cut`` ends the text before the first stop string.
+    """
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str] = ()):
+        self.strings = tuple(x for x in stop if x)
+        self.tokenizer = tokenizer
+        self.window = max((len(x) for x in self.strings), default=0) + 1
+
+    def __bool__(self) -> bool:
+        return bool(self.strings)
+
+    def hit(self, tokens: Sequence[int]) -> bool:
+        if not self.strings:
+            return False
+        tail = self.tokenizer.decode(list(tokens[-self.window :]))
+        return any(x in tail for x in self.strings)
+
+    def text(self, tokens: Sequence[int]) -> str:
+        """The decoded text, ending before the first stop string."""
+        text = self.tokenizer.decode(list(tokens))
+        cuts = [i for i in (text.find(x) for x in self.strings) if i >= 0]
+        return text[: min(cuts)] if cuts else text
+
+
 # -- batched generation --------------------------------------------------------------------
 
 
@@ -186,6 +216,7 @@ def generate_batch(
     min_shared_prefix: int = 64,
     no_repeat_ngram: int = 0,
     repetition_penalty: float | None = None,
+    stop: Sequence[str] = (),
 ) -> Generations:
     """Generate a completion for every prompt (token ids), up to ``batch_size`` at a time.
 
@@ -195,8 +226,10 @@ def generate_batch(
 
     ``seed`` is one run seed (per-prompt seeds are derived from it and the prompt's position)
     or one seed per prompt. ``no_repeat_ngram`` / ``repetition_penalty`` shape the logits of
-    every sequence (see ``make_logits_processors``). ``progress(n)`` is called with the number of sequences that just
-    finished (``tqdm.update`` fits). Returns the generations in prompt order, with ``.stats``.
+    every sequence (see ``make_logits_processors``). A sequence also ends at any of the ``stop``
+    strings (its text ends before it). ``progress(n)`` is called with the number of sequences
+    that just finished (``tqdm.update`` fits). Returns the generations in prompt order, with
+    ``.stats``.
     """
     from mlx_lm.generate import BatchGenerator
 
@@ -217,6 +250,7 @@ def generate_batch(
         samplers = [make_sampler(temperature, top_p, s) for s in seeds]
         shared = None
     eos = sorted(tokenizer.eos_token_ids)
+    stops = StopStrings(tokenizer, stop)
     processors = None
     if no_repeat_ngram or repetition_penalty:
         exempt = whitespace_token_ids(tokenizer) if no_repeat_ngram else ()
@@ -233,6 +267,7 @@ def generate_batch(
             prompts,
             max_tokens=max_tokens,
             eos=set(eos),
+            stops=stops,
             samplers=samplers or [shared] * len(prompts),
             processors=processors,
             batch_size=batch_size,
@@ -264,21 +299,29 @@ def generate_batch(
         with gen.stats() as bstats:
             while responses := gen.next_generated():
                 finished = 0
+                stopped = []
                 for r in responses:
                     i = index[r.uid]
                     produced[i] += 1
-                    if r.finish_reason != "stop":
+                    reason = r.finish_reason
+                    if reason != "stop":
                         tokens[i].append(r.token)
-                    if r.finish_reason is not None:
+                        if stops.hit(tokens[i]):
+                            if reason is None:
+                                stopped.append(r.uid)
+                            reason = "stop"
+                    if reason is not None:
                         results[i] = Generation(
-                            text=tokenizer.decode(tokens[i]),
+                            text=stops.text(tokens[i]),
                             prompt_tokens=len(prompts[i]),
                             generation_tokens=produced[i],
-                            finish_reason=r.finish_reason,
+                            finish_reason=reason,
                             tokens=tokens[i],
                             elapsed_s=time.perf_counter() - start,
                         )
                         finished += 1
+                if stopped:
+                    gen.remove(stopped)
                 if finished and progress is not None:
                     progress(finished)
     finally:
@@ -356,6 +399,7 @@ def _generate_with_shared_prefix(
     *,
     max_tokens: int,
     eos: set[int],
+    stops: StopStrings,
     samplers: list[Sampler],
     processors: list[list[LogitsProcessor]] | None,
     batch_size: int,
@@ -405,19 +449,22 @@ def _generate_with_shared_prefix(
             keep = []
             for k, (i, token) in enumerate(zip(rows, sampled.tolist(), strict=True)):
                 generated += 1
-                reason = "stop" if token in eos else None
+                at_eos = token in eos
+                reason = "stop" if at_eos else None
                 if reason is None:
                     tokens[i].append(token)
                     contexts[i].append(token)
-                    if len(tokens[i]) >= max_tokens:
+                    if stops.hit(tokens[i]):
+                        reason = "stop"
+                    elif len(tokens[i]) >= max_tokens:
                         reason = "length"
                 if reason is None:
                     keep.append(k)
                     continue
                 results[i] = Generation(
-                    text=tokenizer.decode(tokens[i]),
+                    text=stops.text(tokens[i]),
                     prompt_tokens=len(prompts[i]),
-                    generation_tokens=len(tokens[i]) + (reason == "stop"),
+                    generation_tokens=len(tokens[i]) + at_eos,
                     finish_reason=reason,
                     tokens=tokens[i],
                     elapsed_s=time.perf_counter() - start,
@@ -488,10 +535,12 @@ def generate_one(
     reset_peak_memory: bool = False,
     no_repeat_ngram: int = 0,
     repetition_penalty: float | None = None,
+    stop: Sequence[str] = (),
 ) -> Generation:
     """Generate one completion on the single-stream path (what a latency number means).
 
-    ``on_text`` receives each decoded text segment as it is produced (for streaming output).
+    ``on_text`` receives each decoded text segment as it is produced (for streaming output;
+    with ``stop`` strings, the stream may run a few characters past where the text is cut).
     The returned ``Generation`` carries this prompt's prefill and decode tok/s.
     """
     from mlx_lm.generate import stream_generate
@@ -508,6 +557,8 @@ def generate_one(
     tokens: list[int] = []
     last = None
     eos = tokenizer.eos_token_ids
+    stops = StopStrings(tokenizer, stop)
+    finish_reason = None
     exempt = whitespace_token_ids(tokenizer) if no_repeat_ngram else ()
     processors = make_logits_processors(no_repeat_ngram, repetition_penalty, exempt)
     for last in stream_generate(
@@ -522,14 +573,17 @@ def generate_one(
             on_text(last.text)
         if not (last.finish_reason == "stop" and last.token in eos):
             tokens.append(last.token)
+            if stops.hit(tokens):
+                finish_reason = "stop"
+                break
     assert last is not None
     return Generation(
         # Decode in one go (like the batch path): the streaming detokenizer may drop a
         # leading space, and the two paths must return identical text.
-        text=tokenizer.decode(tokens),
+        text=stops.text(tokens),
         prompt_tokens=last.prompt_tokens,
         generation_tokens=last.generation_tokens,
-        finish_reason=last.finish_reason or "length",
+        finish_reason=finish_reason or last.finish_reason or "length",
         tokens=tokens,
         elapsed_s=time.perf_counter() - start,
         prompt_tps=last.prompt_tps,

@@ -12,7 +12,7 @@ problem raises ``distiller.errors.SpecError`` naming the file, the dotted key
 
 Everything else has a default; see the dataclasses below for each section's keys.
 
-Prompts (``prompts:``, and each of ``eval.prompt_sets``) are a file path, an inline list, or a
+Prompts (``prompts:``, each of ``eval.prompt_sets``, and ``eval.dev``) are a file path, an inline list, or a
 mapping ``{file | items, template, field, vary}``. Entries are strings or mappings. A string entry
 is exposed to the template as ``{<field>}`` (``field`` defaults to ``text``); a mapping entry's
 keys are all template fields, except the reserved ``id``, ``label``, ``reference`` and ``meta``.
@@ -92,6 +92,7 @@ class DecodingSpec:
     # Logit shaping against a small model's habit of repeating itself (local models only):
     no_repeat_ngram: int = 0  # forbid completing an n-gram already generated; 0 = off
     repetition_penalty: float | None = None  # mlx-lm/vLLM style; None = off
+    stop: tuple[str, ...] = ()  # end a generation at any of these strings (OpenAI's ``stop``)
 
 
 @dataclass(frozen=True)
@@ -221,9 +222,13 @@ class EvalSpec:
     # Evaluation decodes greedily; these shape the logits of every model evaluated, alike.
     no_repeat_ngram: int = 0
     repetition_penalty: float | None = None
+    stop: tuple[str, ...] = ()  # strings that end a generation (e.g. a blank line)
     thresholds: dict[str, float] = field(default_factory=dict, hash=False)
     prompt_sets: dict[str, tuple[Prompt, ...]] = field(default_factory=dict, hash=False)
     batch_size: int = 8
+    # Prompts for choosing settings (decoding, training): evaluated only when asked for
+    # (``distiller eval --prompts dev``), never in reports or gates, never trained on.
+    dev: tuple[Prompt, ...] = field(default=(), hash=False)
 
 
 @dataclass(frozen=True)
@@ -696,7 +701,7 @@ def _teacher(m: _Map, base: Path) -> TeacherSpec:
             max_retries=e.int("max_retries", 3, lo=0),
         )
     d = m.sub("decoding", (
-        "temperature", "top_p", "max_tokens", "seed", "no_repeat_ngram", "repetition_penalty",
+        "temperature", "top_p", "max_tokens", "seed", "no_repeat_ngram", "repetition_penalty", "stop",
     ))  # fmt: skip
     # An explicit `seed: null` means unseeded sampling; a missing seed means 0.
     seed = None if d.is_null("seed") else d.int("seed", 0, lo=0)
@@ -968,12 +973,17 @@ def _split(m: _Map, prompts: tuple[Prompt, ...]) -> SplitSpec:
 
 
 def _logit_shaping(m: _Map) -> dict[str, Any]:
-    """``no_repeat_ngram`` (0 or >= 2) and ``repetition_penalty`` (> 0 or absent)."""
+    """``no_repeat_ngram`` (0 or >= 2), ``repetition_penalty`` (> 0 or absent), ``stop``."""
     n = m.int("no_repeat_ngram", 0, lo=0)
     if n == 1:
         raise m.err("no_repeat_ngram", "0 (off) or an n-gram length >= 2, got 1")
     penalty = m.float("repetition_penalty", None, lo=0, lo_open=True)
-    return {"no_repeat_ngram": n, "repetition_penalty": penalty}
+    stop = m.raw("stop", [])
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(x, str) and x for x in stop):
+        raise m.err("stop", f"a non-empty string or a list of them, got {_describe(stop)}")
+    return {"no_repeat_ngram": n, "repetition_penalty": penalty, "stop": tuple(stop)}
 
 
 def _eval(m: _Map, base: Path, template: str | None, fld: str) -> EvalSpec:
@@ -997,12 +1007,18 @@ def _eval(m: _Map, base: Path, template: str | None, fld: str) -> EvalSpec:
             inherit_template=template,
             inherit_field=fld,
         )
+    dev: tuple[Prompt, ...] = ()
+    if m.has("dev"):
+        dev = _load_prompts(
+            m.raw("dev"), base, m.doc, m.k("dev"), inherit_template=template, inherit_field=fld
+        )
     return EvalSpec(
         max_tokens=m.int("max_tokens", 256, lo=1),
         **_logit_shaping(m),
         thresholds=thresholds,
         prompt_sets=sets,
         batch_size=m.int("batch_size", 8, lo=1),
+        dev=dev,
     )
 
 
@@ -1052,20 +1068,22 @@ def load_spec(path: str | Path) -> TaskSpec:
         "model", "route", "prompt_style", "lora", "full_finetune", "train", "kd", "drop_layers", "dpo", "quantize",
     )), teacher)  # fmt: skip
     split = _split(top.sub("split", ("train", "valid", "test", "seed", "stratify_by")), prompts)
-    eval_keys = ("max_tokens", "no_repeat_ngram", "repetition_penalty", "thresholds")
+    eval_keys = ("max_tokens", "no_repeat_ngram", "repetition_penalty", "stop", "thresholds")
     ev = _eval(
-        top.sub("eval", (*eval_keys, "prompt_sets", "batch_size")),
+        top.sub("eval", (*eval_keys, "prompt_sets", "batch_size", "dev")),
         base,
         template,
         fld,
     )
 
     train_texts = {_norm_text(p.text): p.id for p in prompts}
-    for set_name, set_prompts in ev.prompt_sets.items():
+    held_out = {f"eval.prompt_sets.{k}": v for k, v in ev.prompt_sets.items()}
+    held_out["eval.dev"] = ev.dev
+    for key, set_prompts in held_out.items():
         for p in set_prompts:
             if _norm_text(p.text) in train_texts:
                 raise doc.error(
-                    f"eval.prompt_sets.{set_name}",
+                    key,
                     f"prompts not in the curriculum; {p.id!r} is the curriculum's {train_texts[_norm_text(p.text)]!r}",
                 )
 

@@ -109,11 +109,12 @@ def teacher_config(spec: Any, backend: Backend) -> tuple[str, dict]:
         "teacher": identity,
         "system_prompt": t.system_prompt,
         "few_shot": [list(fs) for fs in t.few_shot],
-        # Logit shaping enters the hash only when on, so stores made before it existed stay valid.
+        # Logit shaping and stop strings enter the hash only when on, so stores made before
+        # they existed stay valid.
         "decoding": {
             k: v
             for k, v in asdict(t.decoding).items()
-            if not (k in ("no_repeat_ngram", "repetition_penalty") and not v)
+            if not (k in ("no_repeat_ngram", "repetition_penalty", "stop") and not v)
         },
     }
     config = config_hash(setup)
@@ -225,6 +226,7 @@ def run_teacher(
             seed=attempt_seed(dec.seed, prompt.text, index),
             no_repeat_ngram=dec.no_repeat_ngram,
             repetition_penalty=dec.repetition_penalty,
+            stop=dec.stop,
         )
 
     def record(prompt, index: int, req: CompletionRequest, c: Completion) -> dict:

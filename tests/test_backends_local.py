@@ -31,6 +31,7 @@ def test_local_backend_matches_generate_batch_and_keeps_order(tiny_dir):
     out = be.complete(reqs)
     assert len(out) == len(reqs) and all(c.ok for c in out)
     model, tok = be._model()
+    expected_tokens = 0
     for req, c in zip(reqs, out, strict=True):
         (g,) = generate_batch(
             model,
@@ -41,9 +42,10 @@ def test_local_backend_matches_generate_batch_and_keeps_order(tiny_dir):
             seed=[req.seed],
         )
         assert c.text == g.text
-        assert c.completion_tokens == g.generation_tokens == 6
-        assert c.prompt_tokens == g.prompt_tokens and c.finish_reason == "length"
-    assert be.stats.sequences == len(reqs) and be.stats.generation_tokens == 6 * len(reqs)
+        assert c.completion_tokens == g.generation_tokens <= 6
+        assert c.prompt_tokens == g.prompt_tokens and c.finish_reason == g.finish_reason
+        expected_tokens += g.generation_tokens
+    assert be.stats.sequences == len(reqs) and be.stats.generation_tokens == expected_tokens
 
 
 def test_local_backend_applies_logit_shaping_per_request(tiny_dir):

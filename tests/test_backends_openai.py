@@ -62,7 +62,15 @@ def test_completes_in_order_with_payload_and_auth(monkeypatch):
     assert body["model"] == "teacher-x"
     assert body["max_tokens"] == 32 and body["temperature"] == 0.7 and body["top_p"] == 1.0
     assert set(srv.auth_headers) == {f"Bearer {SECRET}"}
-    assert "repetition_penalty" not in body  # only sent when asked for
+    assert "repetition_penalty" not in body and "stop" not in body  # only sent when asked for
+
+
+def test_stop_strings_are_sent():
+    with FakeOpenAI() as srv:
+        be = _backend(srv)
+        (c,) = be.complete([CompletionRequest([{"role": "user", "content": "q"}], stop=("\n\n",))])
+        assert c.ok and srv.requests[0]["stop"] == ["\n\n"]
+        be.close()
 
 
 def test_repetition_penalty_is_sent_and_no_repeat_ngram_refused():

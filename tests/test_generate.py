@@ -270,3 +270,37 @@ def test_repetition_penalty_changes_greedy_output(tiny):
     penalized = generate_batch(model, tok, prompts, max_tokens=32, repetition_penalty=1.5)
     assert penalized[0].tokens != free[0].tokens
     assert len(set(penalized[0].tokens)) >= len(set(free[0].tokens))
+
+
+@pytest.mark.parametrize("path", ["batch", "shared_prefix", "single"])
+def test_stop_strings_end_the_text_before_their_first_occurrence(tiny, tiny_dir, path):
+    from distiller.generate import use_shared_prefix
+    from distiller.models import load_model
+
+    model, tok = load_model(str(tiny_dir)) if path == "shared_prefix" else tiny
+    scaffold = list(range(100, 180)) if path == "shared_prefix" else []
+    prompts = [scaffold + _raw(tok, t) for t in ["hello world", "lazy dog", "forty-two"]]
+
+    def run(stop=()):
+        if path == "single":
+            return [generate_one(model, tok, p, max_tokens=24, stop=stop) for p in prompts]
+        return list(generate_batch(model, tok, prompts, max_tokens=24, batch_size=2, stop=stop))
+
+    assert use_shared_prefix(model, prompts, 64) == (path == "shared_prefix")
+    free = run()
+    # A stop string from the middle of the first output (plain ASCII, so that it decodes alike
+    # from any token boundary); greedy decoding is identical up to where it stops.
+    text = free[0].text
+    at = next(
+        i for i in range(4, len(text) - 2) if text[i : i + 2].isascii() and text[i : i + 2].strip()
+    )
+    stop = text[at : at + 2]
+    stopped = run(stop=(stop, "never-generated-\u2603"))
+    for f, s in zip(free, stopped, strict=True):
+        if stop in f.text:
+            assert s.text == f.text[: f.text.find(stop)]
+            assert s.finish_reason == "stop"
+            assert s.tokens == f.tokens[: len(s.tokens)] and len(s.tokens) < len(f.tokens) + 1
+        else:
+            assert (s.text, s.finish_reason) == (f.text, f.finish_reason)
+    assert stopped[0].finish_reason == "stop" and len(stopped[0].text) <= at

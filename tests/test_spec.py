@@ -81,7 +81,9 @@ def test_structured_cot_loads_with_the_intended_settings(cot):
     assert s.train.max_seq_length == 512 and s.train.batch_size == 4
     assert (cot.split.train, cot.split.valid, cot.split.test, cot.split.seed) == (0.7, 0.1, 0.2, 0)
     assert cot.eval.thresholds == {"format_rate": 0.9} and cot.eval.max_tokens == 200
-    assert cot.eval.no_repeat_ngram == cot.teacher.decoding.no_repeat_ngram == 4
+    assert (cot.teacher.decoding.no_repeat_ngram, cot.eval.no_repeat_ngram) == (4, 3)
+    assert cot.teacher.decoding.stop == cot.eval.stop == ("\n\n",)
+    assert len(cot.eval.dev) == 24
     # Prompts are the template applied to the scenario; the scenario is kept in meta.
     p = cot.prompts[0]
     assert p.text == "Analyze this distributed-systems failure: " + p.meta["scenario"]
@@ -103,6 +105,7 @@ def _scenarios(cot: TaskSpec) -> dict[str, list[str]]:
     return {
         "curriculum": [p.meta["scenario"] for p in cot.prompts],
         "unseen": [p.meta["scenario"] for p in cot.eval.prompt_sets["unseen"]],
+        "dev": [p.meta["scenario"] for p in cot.eval.dev],
         "few_shot": [ex.user.removeprefix(prefix) for ex in cot.teacher.few_shot],
     }
 
@@ -267,6 +270,33 @@ def test_eval_prompt_sets_may_not_leak_training_prompts(tmp_path):
         "prompts: [alpha, beta]\nteacher: {model: m}\neval: {prompt_sets: {unseen: [gamma, beta]}}\n",
     )
     assert err.key == "eval.prompt_sets.unseen" and err.line == 3
+    err = spec_error(
+        tmp_path, "prompts: [alpha, beta]\nteacher: {model: m}\neval:\n  dev: [alpha]\n"
+    )
+    assert err.key == "eval.dev" and err.line == 4
+
+
+def test_stop_strings(tmp_path):
+    base = "prompts: [a]\nteacher: {model: m, decoding: {stop: X}}\n"
+    spec = load_spec(write(tmp_path, base + 'eval: {stop: ["\\n\\n", END]}\n'))
+    assert spec.teacher.decoding.stop == ("X",) and spec.eval.stop == ("\n\n", "END")
+    err = spec_error(tmp_path, base + "eval:\n  stop: ['']\n")
+    assert err.key == "eval.stop" and "non-empty string" in err.expected and err.line == 4
+
+
+def test_dev_prompts_inherit_the_template_and_stay_out_of_reports(tmp_path):
+    from distiller.evaluate import resolve_prompts
+    from distiller.pipeline import prompt_sets
+
+    spec = load_spec(
+        write(
+            tmp_path,
+            'prompts: {items: [x fails], template: "Why? {text}"}\nteacher: {model: m}\n'
+            "eval: {dev: [y fails]}\n",
+        )
+    )
+    assert resolve_prompts(spec, "dev")[1][0].text == "Why? y fails"
+    assert prompt_sets(spec) == ["split:test"]
 
 
 def test_few_shot_answers_must_pass_the_validators(tmp_path):

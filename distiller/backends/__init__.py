@@ -22,6 +22,7 @@ class CompletionRequest:
     seed: int | None = None
     no_repeat_ngram: int = 0  # local backends only (no chat-API equivalent)
     repetition_penalty: float | None = None
+    stop: tuple[str, ...] = ()  # end the completion at any of these strings
 
 
 @dataclass

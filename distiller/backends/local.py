@@ -52,11 +52,13 @@ class LocalBackend:
                 req.seed is None,
                 req.no_repeat_ngram,
                 req.repetition_penalty,
+                tuple(req.stop),
             )
             groups[key].append((i, prompt))
         if self.stats is None:
             self.stats = GenerationStats()
-        for (max_tokens, temperature, top_p, unseeded, nrng, penalty), items in groups.items():
+        for key, items in groups.items():
+            max_tokens, temperature, top_p, unseeded, nrng, penalty, stop = key
             idx = [i for i, _ in items]
             seeds = None if unseeded else [requests[i].seed for i in idx]
             gens = generate_batch(
@@ -70,6 +72,7 @@ class LocalBackend:
                 batch_size=self.batch_size,
                 no_repeat_ngram=nrng,
                 repetition_penalty=penalty,
+                stop=stop,
             )
             self.stats += gens.stats
             for i, g in zip(idx, gens, strict=True):

@@ -136,6 +136,8 @@ class OpenAICompatBackend:
         }
         if req.seed is not None:
             body["seed"] = req.seed
+        if req.stop:
+            body["stop"] = list(req.stop)
         if req.no_repeat_ngram:
             # Refused at spec load; a caller building requests by hand gets told, not ignored.
             raise BackendError("no_repeat_ngram has no OpenAI chat API equivalent")
