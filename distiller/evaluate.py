@@ -652,12 +652,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--stop",
         action="append",
         metavar="TEXT",
-        help="end each generation at TEXT (repeatable; --stop '' for none; default: the spec's "
-        "eval.stop)",
+        help="end each generation at TEXT, where \\n and \\t stand for a line break and a tab "
+        "(repeatable; --stop '' for none; default: the spec's eval.stop)",
     )
     parser.add_argument(
         "--latency", type=int, default=0, metavar="N", help="also time N prompts single-stream"
     )
+
+
+def cli_text(text: str) -> str:
+    """A command-line string with ``\\n`` and ``\\t`` read as a line break and a tab."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -677,7 +682,7 @@ def run_cli(args: argparse.Namespace) -> int:
         for k, v in (
             ("no_repeat_ngram", args.no_repeat_ngram),
             ("repetition_penalty", args.repetition_penalty),
-            ("stop", None if args.stop is None else tuple(x for x in args.stop if x)),
+            ("stop", None if args.stop is None else tuple(cli_text(x) for x in args.stop if x)),
         )
         if v is not None
     }

@@ -197,6 +197,16 @@ def test_cli_eval(tiny_model_dir, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert E.read_result(shaped).metrics["no_repeat_ngram"] == 2
+    stopped = tmp_path / "stopped.jsonl"
+    proc = subprocess.run(
+        [*cmd, "--task", str(spec), "--out", str(stopped), "--stop", "\\n", "--stop", "e"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert E.read_result(stopped).metrics["stop"] == ["\n", "e"]
+    assert not any("e" in r["output"] for r in map(json.loads, stopped.read_text().splitlines()))
     bad = subprocess.run(
         [*cmd, "--task", str(spec), "--no-repeat-ngram", "1"],
         capture_output=True,
