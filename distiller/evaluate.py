@@ -573,6 +573,35 @@ class Latency:
         return asdict(self)
 
 
+def fixed_workload_peak_mb(model: Any, prompts: list[list[int]], decode_steps: int = 32) -> float:
+    """Peak MB (weights + what the work adds) of prefilling ``prompts`` (cut to the shortest)
+    and decoding ``decode_steps`` forced tokens, batched with a KV cache.
+
+    The work is the same for any two models of one architecture, whatever they would generate,
+    so the figure compares models' memory costs, not their output lengths (a model that stops
+    early holds a smaller KV cache in an ordinary evaluation).
+    """
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    if not prompts:
+        raise ValueError("fixed_workload_peak_mb needs at least one prompt")
+    width = min(len(p) for p in prompts)
+    tokens = mx.array([p[:width] for p in prompts])
+    mx.eval(model.parameters())
+    active_before = mx.get_active_memory()
+    mx.reset_peak_memory()
+    cache = make_prompt_cache(model)
+    logits = model(tokens, cache=cache)
+    mx.eval(logits)
+    step = tokens[:, -1:]
+    for _ in range(decode_steps):
+        mx.eval(model(step, cache=cache))
+    peak = mx.get_peak_memory()
+    del cache, logits
+    return (weight_bytes(model) + max(0, peak - active_before)) / 1e6
+
+
 def measure_latency(
     model: Any,
     tokenizer: Any,

@@ -214,3 +214,18 @@ def test_cli_eval(tiny_model_dir, tmp_path):
         timeout=120,
     )
     assert bad.returncode == 2 and ">= 2, got 1" in bad.stderr
+
+
+def test_fixed_workload_peak_measures_the_same_work_alike(tiny_model_dir):
+    from distiller.evaluate import fixed_workload_peak_mb, weight_bytes
+    from distiller.models import load_model
+
+    model, _ = load_model(str(tiny_model_dir))
+    prompts = [list(range(10, 40)), list(range(50, 90))]  # cut to the shorter: 30 tokens
+    first = fixed_workload_peak_mb(model, prompts, decode_steps=8)
+    again = fixed_workload_peak_mb(model, prompts, decode_steps=8)
+    assert first > weight_bytes(model) / 1e6
+    assert abs(first - again) <= 0.05 * first
+    # More work (a longer KV cache, a wider batch) needs more memory.
+    wider = fixed_workload_peak_mb(model, prompts * 16, decode_steps=64)
+    assert wider > first
