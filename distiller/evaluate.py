@@ -125,6 +125,15 @@ def weight_bytes(model: Any) -> int:
     return int(sum(v.nbytes for _, v in tree_flatten(model.parameters())))
 
 
+def model_peak_mb(model: Any, active_before: int) -> float:
+    """The model's weights plus what the measured work added to MLX's peak since the peak was
+    reset (``active_before``: active memory then). MLX's peak is process-wide; this way other
+    models alive in the process (a test session holds several) do not count against this one."""
+    import mlx.core as mx
+
+    return (weight_bytes(model) + max(0, mx.get_peak_memory() - active_before)) / 1e6
+
+
 def count_parameters(model: Any) -> int:
     """Number of weights; quantized matrices count their unpacked elements, not scales/biases."""
     import mlx.core as mx
@@ -363,9 +372,7 @@ def evaluate_together(
 
     import mlx.core as mx
 
-    # Peak memory is process-wide; other models alive in this process (a test session holds
-    # several) must not count against this one: weights + what generation adds on top.
-    mx.eval(model.parameters())
+    mx.eval(model.parameters())  # resident before measuring (see model_peak_mb)
     active_before = mx.get_active_memory()
     bar = None
     if progress and prompts:
@@ -389,7 +396,7 @@ def evaluate_together(
     finally:
         if bar is not None:
             bar.close()
-    peak_mb = (weight_bytes(model) + max(0, mx.get_peak_memory() - active_before)) / 1e6
+    peak_mb = model_peak_mb(model, active_before)
 
     results: dict[str, EvalResult] = {}
     outputs = iter(gens)
@@ -592,14 +599,11 @@ def fixed_workload_peak_mb(model: Any, prompts: list[list[int]], decode_steps: i
     active_before = mx.get_active_memory()
     mx.reset_peak_memory()
     cache = make_prompt_cache(model)
-    logits = model(tokens, cache=cache)
-    mx.eval(logits)
+    mx.eval(model(tokens, cache=cache))
     step = tokens[:, -1:]
     for _ in range(decode_steps):
         mx.eval(model(step, cache=cache))
-    peak = mx.get_peak_memory()
-    del cache, logits
-    return (weight_bytes(model) + max(0, peak - active_before)) / 1e6
+    return model_peak_mb(model, active_before)
 
 
 def measure_latency(
@@ -634,7 +638,7 @@ def measure_latency(
         prefill_tps=statistics.fmean(g.prompt_tps for g, _ in gens),
         decode_tps=statistics.fmean(g.generation_tps for g, _ in gens),
         mean_output_tokens=tokens / len(gens),
-        peak_memory_mb=(weight_bytes(model) + max(0, mx.get_peak_memory() - active_before)) / 1e6,
+        peak_memory_mb=model_peak_mb(model, active_before),
         per_sample_ms=ms,
     )
 

@@ -174,17 +174,14 @@ def _seeds(seed: int | Sequence[int] | None, n: int) -> list[int | None]:
 class StopStrings:
     """Where a generation meets one of its stop strings (OpenAI's ``stop``).
 
-    Checked after every token on the decoded tail only: a string of L characters spans at most
-    L tokens, plus one straddling its start. ``cut`` ends the text before the first stop string.
+    ``hit`` is checked after every token on the decoded tail only: a string of L characters
+    spans at most L tokens, plus one straddling its start. ``text`` ends before the first one.
     """
 
     def __init__(self, tokenizer: Any, stop: Sequence[str] = ()):
         self.strings = tuple(x for x in stop if x)
         self.tokenizer = tokenizer
         self.window = max((len(x) for x in self.strings), default=0) + 1
-
-    def __bool__(self) -> bool:
-        return bool(self.strings)
 
     def hit(self, tokens: Sequence[int]) -> bool:
         if not self.strings:

@@ -141,9 +141,8 @@ def _draw_in_nucleus(
     logits: mx.array, keys: list[mx.array], top_p: float, temperature: float, k: int
 ) -> tuple[mx.array, mx.array]:
     """(one token per row, whether its nucleus was complete) drawing among ``k`` candidates."""
-    if k == logits.shape[-1] and top_p >= 1:
-        values, ids = logits, None
-        in_nucleus = complete = mx.ones(logits.shape[:1], dtype=mx.bool_)
+    if k == logits.shape[-1] and top_p >= 1:  # the whole vocabulary is the nucleus
+        values, ids, complete = logits, None, mx.ones(logits.shape[:1], dtype=mx.bool_)
     else:
         values, ids, in_nucleus, complete = nucleus_candidates(logits, top_p, k)
     # Gumbel-max: argmax(logit / T + Gumbel noise) is a draw from softmax(logit / T).
