@@ -13,9 +13,10 @@ problem raises ``distiller.errors.SpecError`` naming the file, the dotted key
 Everything else has a default; see the dataclasses below for each section's keys.
 
 Prompts (``prompts:``, each of ``eval.prompt_sets``, and ``eval.dev``) are a file path, an
-inline list, or a mapping ``{file | items, template, field, vary}``. Entries are strings or mappings. A string entry
-is exposed to the template as ``{<field>}`` (``field`` defaults to ``text``); a mapping entry's
-keys are all template fields, except the reserved ``id``, ``label``, ``reference`` and ``meta``.
+inline list, or a mapping ``{file | items, template, field, vary}``. Entries are strings or
+mappings. A string entry is exposed to the template as ``{<field>}`` (``field`` defaults to
+``text``); a mapping entry's keys are all template fields, except the reserved ``id``,
+``label``, ``reference`` and ``meta``.
 Without a template the entry's ``<field>`` is the prompt. ``vary: {k: [v1, v2]}`` expands every
 entry once per combination of values (a product). Ids are given (``id``) or a hash of the text.
 Prompt sets given as a bare path inherit the main template; give ``template: null`` to opt out.
