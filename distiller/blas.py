@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import glob
 import os
 import platform
 import subprocess
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 ENV_BLAS = "DISTILLER_BLAS"  # explicit library path, or "off" to leave MLX's BLAS alone
@@ -200,3 +203,49 @@ def _loaded_libmlx() -> str | None:
 
 def status() -> BlasStatus:
     return ensure_optimized_blas()
+
+
+@functools.lru_cache(maxsize=1)
+def _thread_controls() -> tuple[object, object] | None:
+    """(get, set) for the loaded BLAS's thread count: OpenBLAS's or BLIS's API, else None."""
+    path = status().loaded_path
+    if path is None:
+        return None
+    try:
+        lib = ctypes.CDLL(path)
+    except OSError:
+        return None
+    for get, set_ in (
+        ("openblas_get_num_threads", "openblas_set_num_threads"),
+        ("bli_thread_get_num_threads", "bli_thread_set_num_threads"),
+    ):
+        if hasattr(lib, get) and hasattr(lib, set_):
+            return getattr(lib, get), getattr(lib, set_)
+    return None
+
+
+def get_threads() -> int | None:
+    """Threads the loaded BLAS uses per call, or None when it cannot be told."""
+    controls = _thread_controls()
+    return int(controls[0]()) if controls else None
+
+
+@contextmanager
+def threads(n: int) -> Iterator[bool]:
+    """Run the block with the BLAS using ``n`` threads per call, then restore the setting.
+
+    Used when several MLX CPU streams each make BLAS calls at once: each call should then take
+    one core, not all of them (oversubscribed cores run slower than one thread each). Yields
+    whether the count could be set (False with a BLAS we cannot control; nothing changes).
+    """
+    controls = _thread_controls()
+    if controls is None:
+        yield False
+        return
+    get, set_ = controls
+    before = int(get())
+    set_(max(1, int(n)))
+    try:
+        yield True
+    finally:
+        set_(before)

@@ -7,6 +7,7 @@ same architecture is built with random weights so the benchmark needs no downloa
 
   .venv/bin/python scripts/bench_train.py                   # the trainer's step (compiled)
   .venv/bin/python scripts/bench_train.py --no-compile      # plain step, for comparison
+  .venv/bin/python scripts/bench_train.py --workers 1       # one CPU stream (no data parallel)
   .venv/bin/python scripts/bench_train.py --supervised 0.5  # half the tokens are (masked) prompt
   DISTILLER_FAST_OPS=0 .venv/bin/python scripts/bench_train.py  # stock mx.exp-based ops
 
@@ -25,6 +26,8 @@ import distiller  # noqa: F401  (loads the fast BLAS before mlx)
 import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
+
+from distiller.train import parallel as P
 
 SMOLLM2_135M = {
     "model_type": "llama",
@@ -74,7 +77,9 @@ def fixed_batch(
     }
 
 
-def build_step(model, rank: int = 8, compile: bool = True, lr: float = 1e-4):
+def build_step(
+    model, rank: int = 8, compile: bool = True, lr: float = 1e-4, workers: int | None = None
+):
     """The exact step the trainer runs: LoRA on all 7 projections, AdamW, masked CE."""
     from distiller.train import lora as LR
     from distiller.train.trainer import make_train_step, sft_loss
@@ -84,7 +89,9 @@ def build_step(model, rank: int = 8, compile: bool = True, lr: float = 1e-4):
     )
     LR.prepare_trainable(model, cfg)
     model.train()
-    return make_train_step(model, optim.AdamW(learning_rate=lr), sft_loss, compile=compile)
+    return make_train_step(
+        model, optim.AdamW(learning_rate=lr), sft_loss, compile=compile, workers=workers
+    )
 
 
 def main() -> None:
@@ -99,6 +106,11 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no-compile", action="store_true", help="run the step without mx.compile")
     p.add_argument(
+        "--workers",
+        type=int,
+        help="parallel CPU shards per step (default: one per core on the CPU; 1 = one stream)",
+    )
+    p.add_argument(
         "--supervised",
         type=float,
         default=1.0,
@@ -107,7 +119,7 @@ def main() -> None:
     args = p.parse_args()
 
     model = build_model(args.model)
-    step = build_step(model, args.rank, compile=not args.no_compile)
+    step = build_step(model, args.rank, compile=not args.no_compile, workers=args.workers)
     batch = fixed_batch(
         args.batch_size, args.seq_len, model.args.vocab_size, supervised=args.supervised
     )
@@ -121,7 +133,7 @@ def main() -> None:
     toks = args.batch_size * args.seq_len
     med = statistics.median(times)
     print(
-        f"compile={not args.no_compile} batch={args.batch_size}x{args.seq_len} r={args.rank} "
+        f"compile={not args.no_compile} workers={P.worker_count(args.workers)} batch={args.batch_size}x{args.seq_len} r={args.rank} "
         f"supervised={args.supervised}: "
         f"median step {med * 1000:.0f} ms, {toks / med:.1f} tok/s "
         f"(best {toks / min(times):.1f}, mean {toks * len(times) / sum(times):.1f}); "

@@ -145,6 +145,35 @@ def collate_pairs(pairs: list[tuple[Example, Example]], pad_to: int = 32) -> dic
     return collate([p[0] for p in pairs] + [p[1] for p in pairs], pad_to)
 
 
+_ROW_KEYS = ("inputs", "targets", "mask", "lengths")
+
+
+def _take_rows(batch: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
+    part = {k: np.asarray(batch[k])[rows] for k in _ROW_KEYS if k in batch}
+    return {**part, **select(part["mask"])}
+
+
+def split_rows(batch: dict[str, np.ndarray], parts: int) -> list[dict[str, np.ndarray]]:
+    """Cut a batch of independent rows into up to ``parts`` row shards (sizes differ by at most
+    one), each with its own selection of supervised positions."""
+    n = len(batch["inputs"])
+    return [_take_rows(batch, rows) for rows in np.array_split(np.arange(n), min(parts, n))]
+
+
+def split_pairs(batch: dict[str, np.ndarray], parts: int) -> list[dict[str, np.ndarray]]:
+    """Shards of a preference batch (chosen rows, then rejected rows): each shard keeps its
+    pairs together, chosen first, with their reference log-probabilities."""
+    pairs = len(batch["inputs"]) // 2
+    out = []
+    for idx in np.array_split(np.arange(pairs), min(parts, pairs)):
+        part = _take_rows(batch, np.concatenate([idx, idx + pairs]))
+        for key in ("ref_chosen", "ref_rejected"):
+            if key in batch:
+                part[key] = np.asarray(batch[key])[idx]
+        out.append(part)
+    return out
+
+
 def make_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     """Index groups of similar length (sorted, then chunked), so padding is small."""
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))

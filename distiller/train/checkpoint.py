@@ -89,7 +89,9 @@ class StopFlag:
 
 
 def run_key(cfg: Any, adapter_cfg: dict, dataset_dir: Path) -> str:
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("compile", "steps_per_report")}
+    settings = {
+        k: v for k, v in asdict(cfg).items() if k not in ("compile", "workers", "steps_per_report")
+    }
     h = hashlib.sha256(json.dumps([settings, adapter_cfg], sort_keys=True, default=str).encode())
     for f in sorted(dataset_dir.glob("*.jsonl")):
         h.update(f.name.encode())

@@ -63,6 +63,9 @@ class TrainConfig:
     # mx.compile the step: 118 vs 104 tok/s on CPU (scripts/bench_train.py); each new batch
     # shape costs one trace, so batch lengths are padded to few distinct shapes.
     compile: bool = True
+    # Shards of each batch computed at once on separate CPU streams (distiller.train.parallel);
+    # None = one per core on the CPU, one on a GPU. The update is the whole batch's either way.
+    workers: int | None = None
     full_finetune: bool = False
     # logit-kd
     alpha: float = 0.5
@@ -344,6 +347,8 @@ def train(
         compile=cfg.compile,
         grad_accumulation=accum,
         grad_clip=cfg.grad_clip,
+        workers=cfg.workers,
+        split=B.split_pairs if cfg.route == "dpo" else B.split_rows,
     )
 
     def checkpoint_extra():
