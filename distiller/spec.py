@@ -150,6 +150,8 @@ class TrainSpec:
     early_stopping_patience: int | None = None  # evals without improvement; None = off
     checkpoint_every: int = 100
     seed: int = 0
+    # The adapter that is the result: "best" (lowest validation loss) or "last" (final step).
+    keep: str = "best"
 
 
 @dataclass(frozen=True)
@@ -833,7 +835,7 @@ def _student(m: _Map, teacher: TeacherSpec) -> StudentSpec:
         (
             "iters", "epochs", "batch_size", "learning_rate", "schedule", "warmup_steps",
             "weight_decay", "grad_clip", "max_seq_length", "steps_per_eval",
-            "early_stopping_patience", "checkpoint_every", "seed",
+            "early_stopping_patience", "checkpoint_every", "seed", "keep",
         ),
     )  # fmt: skip
     if tm.has("iters") and tm.has("epochs"):
@@ -855,6 +857,7 @@ def _student(m: _Map, teacher: TeacherSpec) -> StudentSpec:
         early_stopping_patience=tm.int("early_stopping_patience", None, lo=1),
         checkpoint_every=tm.int("checkpoint_every", 100, lo=1),
         seed=tm.int("seed", 0, lo=0),
+        keep=tm.str("keep", "best", choices=("best", "last")),
     )
     if iters is not None and train.warmup_steps >= iters:
         raise tm.err("warmup_steps", f"fewer than iters ({iters}), got {train.warmup_steps}")

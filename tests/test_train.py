@@ -348,3 +348,42 @@ def test_make_dropped_student_roundtrip(tmp_path, tiny_model_factory):
     assert keep == [0, 2, 3]
     model, _ = load(str(tmp_path / "s"))
     assert len(model.layers) == 3 and os.path.exists(tmp_path / "s" / "tokenizer.json")
+
+
+def test_train_cli_refuses_zero_workers(tmp_path, tiny_model_dir):
+    spec = write_spec(tmp_path / "s.yaml", tiny_model_dir, route="sft")
+    ds = write_dataset(tmp_path / "ds")
+    proc = subprocess.run(
+        [*_train_cmd(spec, ds, tmp_path / "out"), "--workers", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "--workers must be at least 1, got 0" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out" / "adapters.safetensors").exists()
+
+
+def test_keep_last_writes_the_final_weights(tmp_path, tiny_model_dir):
+    train_cfg = "{iters: 20, batch_size: 4, learning_rate: 1.0e-2, steps_per_eval: 5, checkpoint_every: 20, keep: last}"
+    spec = load_spec(write_spec(tmp_path / "s.yaml", tiny_model_dir, route="sft", train=train_cfg))
+    ds = write_dataset(tmp_path / "ds")
+    # Validation answers the training answers contradict: validation loss is best at the first
+    # evaluation and rises after it, so the best adapter is not the last one.
+    rows = [json.loads(line) for line in (ds / "valid.jsonl").read_text().splitlines()]
+    for row in rows:
+        row["messages"][-1]["content"] = "Nope, no idea at all."
+    (ds / "valid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = train(spec, ds, tmp_path / "out", progress=False)
+    assert r.steps == 20 and r.best_step < 20
+    final = mx.load(str(tmp_path / "out" / "checkpoint" / "step-20.weights.safetensors"))
+    kept = mx.load(str(tmp_path / "out" / "adapters.safetensors"))
+    assert final.keys() == kept.keys()
+    assert all(mx.array_equal(final[k], kept[k]).item() for k in final)
+
+
+def test_spec_refuses_an_unknown_keep(tmp_path, tiny_model_dir):
+    path = write_spec(tmp_path / "s.yaml", tiny_model_dir, train="{iters: 5, keep: worst}")
+    with pytest.raises(UserError, match=r"s\.yaml.*student\.train\.keep.*best.*last"):
+        load_spec(path)

@@ -36,6 +36,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--iters", type=int, help="override student.train.iters")
     parser.add_argument("--no-compile", action="store_true", help="run the step without mx.compile")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="batch shards computed at once on separate CPU streams (default: one per core on "
+        "the CPU, one on a GPU; 1 = no sharding). The update is the same either way.",
+    )
     parser.epilog = (
         "A checkpoint is written every student.train.checkpoint_every steps and on Ctrl-C; running\n"
         "the same command again resumes from it. Best adapter (by validation loss) ends up in --out."
@@ -43,6 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    from distiller.errors import UserError
     from distiller.spec import load_spec
 
     spec = load_spec(args.spec)
@@ -51,6 +59,10 @@ def run_cli(args: argparse.Namespace) -> int:
         cfg.iters = args.iters
     if args.no_compile:
         cfg.compile = False
+    if args.workers is not None:
+        if args.workers < 1:
+            raise UserError(f"--workers must be at least 1, got {args.workers}")
+        cfg.workers = args.workers
     r = train(spec, args.data, args.out, resume=not args.no_resume, config=cfg)
     val = f"{r.best_val_loss:.4f} at step {r.best_step}" if r.best_val_loss is not None else "n/a"
     print(

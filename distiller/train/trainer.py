@@ -1,7 +1,8 @@
 """The training loop: one compiled step, checkpoints that survive SIGKILL, early stopping.
 
 Layout of ``out_dir`` (the adapter directory ``mlx_lm.load(base, adapter_path=out_dir)`` opens):
-  adapters.safetensors, adapter_config.json  best adapter so far (lowest validation loss)
+  adapters.safetensors, adapter_config.json  the result: best adapter so far (lowest validation
+                                             loss), or the final one with keep: last
   metrics.csv, metrics.json                  one row per report step
   train_result.json                          summary written when the run ends
   checkpoint/state.json                      last checkpoint: step, early-stopping state, metrics
@@ -56,6 +57,10 @@ class TrainConfig:
     steps_per_report: int = 10
     val_batches: int = 25
     early_stopping_patience: int = 0  # evals without improvement before stopping; 0 = never
+    # The result: "best" = lowest validation loss, "last" = the final step's weights. Validation
+    # loss is the cross-entropy on the teacher's answers; when a format is what is distilled it
+    # can rise (the content overfits) while the format is still being learned.
+    keep: str = "best"
     checkpoint_every: int = 50
     seed: int = 0
     grad_accumulation: int = 1
@@ -120,6 +125,7 @@ def config_from_spec(spec: Any) -> TrainConfig:
         "checkpoint_every",
         "seed",
         "grad_accumulation",
+        "keep",
     ):
         setattr(c, name, _get(t, name, getattr(c, name)))
     c.grad_clip = _get(t, "grad_clip", None)
@@ -129,6 +135,8 @@ def config_from_spec(spec: Any) -> TrainConfig:
     c.dpo_beta = float(_get(dpo, "beta", c.dpo_beta))
     if c.route not in ROUTES:
         raise UserError(f"student.route must be one of {', '.join(ROUTES)}, got {c.route!r}")
+    if c.keep not in ("best", "last"):
+        raise UserError(f"student.train.keep must be best or last, got {c.keep!r}")
     return c
 
 
@@ -413,7 +421,8 @@ def train(
                         row["val_loss"] = val
                         if best is None or val < best:
                             best, best_step, bad_evals = val, step, 0
-                            LR.save_adapter(out_dir, model, adapter_cfg)
+                            if cfg.keep == "best":
+                                LR.save_adapter(out_dir, model, adapter_cfg)
                         else:
                             bad_evals += 1
                             if (
@@ -439,7 +448,7 @@ def train(
             bar.close()
 
     C.save_checkpoint(out_dir, step, model, optimizer, checkpoint_extra())
-    if best is None:  # no validation data: the last weights are the result
+    if best is None or cfg.keep == "last":  # (without validation data the last is all there is)
         LR.save_adapter(out_dir, model, adapter_cfg)
     C.write_metrics(out_dir, rows)
     result = TrainResult(
