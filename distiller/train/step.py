@@ -106,22 +106,22 @@ def make_train_step(
         if on_cpu():
             P.keep_freed_memory()
 
-    def shard_grads(batch):
-        parts = split(batch, n_workers) if n_workers > 1 else [batch]
+    def grads_of(parts: list[dict]) -> list:
         return [grad_on[i](to_mx(part)) for i, part in enumerate(parts)]
 
-    def run(*microbatches: dict[str, Any]) -> mx.array:
+    def run(microbatches: list[list[dict]]) -> mx.array:
+        """One update from micro-batches, each already cut into its shards."""
         if grad_accumulation == 1:
             if n_workers == 1:
-                loss = one(to_mx(microbatches[0]))
+                loss = one(to_mx(microbatches[0][0]))
             else:
-                loss, grads = combine(shard_grads(microbatches[0]))
+                loss, grads = combine(grads_of(microbatches[0]))
                 apply(grads)
             mx.eval(loss, state)
             return loss
         total, acc = mx.array(0.0), None
-        for b in microbatches:
-            loss, grads = combine(shard_grads(b))
+        for parts in microbatches:
+            loss, grads = combine(grads_of(parts))
             acc = grads if acc is None else tree_map(mx.add, acc, grads)
             total = total + loss
             mx.eval(total, acc)
@@ -134,10 +134,12 @@ def make_train_step(
         if len(microbatches) != grad_accumulation:
             raise ValueError(f"expected {grad_accumulation} micro-batches, got {len(microbatches)}")
         if n_workers == 1:
-            return run(*microbatches)
-        # Each worker's BLAS calls get their share of the cores, not all of them.
-        with blas.threads(max(1, P.cpu_cores() // n_workers)):
-            return run(*microbatches)
+            return run([[b] for b in microbatches])
+        sharded = [split(b, n_workers) for b in microbatches]
+        # The shards' BLAS calls share the cores (a batch may have fewer rows than workers).
+        per_call = max(1, P.cpu_cores() // max(len(parts) for parts in sharded))
+        with blas.threads(per_call):
+            return run(sharded)
 
     return step
 
