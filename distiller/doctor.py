@@ -40,6 +40,7 @@ class DoctorReport:
     cache_dir: str
     cached_models: list[dict] = field(default_factory=list)
     fast_ops: bool = False  # distiller.fast_ops' CPU path (exp as a power of two) in use
+    train_workers: int = 1  # shards of a training batch computed at once (train/parallel.py)
     problems: list[str] = field(default_factory=list)  # exit status 1
     notes: list[str] = field(default_factory=list)  # worth knowing, not a failure
 
@@ -77,6 +78,7 @@ def diagnose(measure: bool = True) -> DoctorReport:
     from distiller import fast_ops
     from distiller.device import device_name
     from distiller.models.registry import cache_root, cached_models, dir_size
+    from distiller.train.parallel import worker_count
 
     status = blas.status()
     try:
@@ -101,6 +103,7 @@ def diagnose(measure: bool = True) -> DoctorReport:
             for name, path in sorted(cached_models().items())
         ],
         fast_ops=fast_ops.enabled(),
+        train_workers=worker_count(),
     )
     if status.attempted and not status.ok:
         report.problems.append(f"no optimized BLAS: {blas.FIX_HINT}")
@@ -153,6 +156,7 @@ def format_report(report: DoctorReport) -> str:
             else "stock MLX ops"
         )
     )
+    lines.append(f"train step   {_workers_note(report.train_workers)}")
     lines.append(f"model cache  {report.cache_dir}")
     if not report.cached_models:
         lines.append("             (empty: `distiller models pull smollm2-135m-instruct`)")
@@ -163,6 +167,15 @@ def format_report(report: DoctorReport) -> str:
     if not report.problems:
         lines.append("status       ok")
     return "\n".join(lines)
+
+
+def _workers_note(n: int) -> str:
+    if n == 1:
+        return "one stream per batch (a GPU, or one core)"
+    return (
+        f"batches cut into {n} shards computed at once on CPU streams, one per core "
+        "(`distiller train --workers 1` to turn off)"
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -24,6 +24,9 @@ def test_doctor_json_reports_blas_gemm_and_cache(tmp_path):
     assert report["cache_dir"] == str(tmp_path)
     assert report["cached_models"] == []
     assert report["fast_ops"] == (report["device"] == "cpu")
+    # one training shard per core on the CPU, one on a GPU
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert report["train_workers"] == (cores if report["device"] == "cpu" else 1)
     # The exit code says whether doctor found a problem, and every problem is spelled out.
     assert (done.returncode == 0) == (report["problems"] == [])
     if sys.platform.startswith("linux") and report["blas_loaded"]:
