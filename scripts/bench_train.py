@@ -133,7 +133,8 @@ def main() -> None:
     toks = args.batch_size * args.seq_len
     med = statistics.median(times)
     print(
-        f"compile={not args.no_compile} workers={P.worker_count(args.workers)} batch={args.batch_size}x{args.seq_len} r={args.rank} "
+        f"compile={not args.no_compile} workers={P.worker_count(args.workers)} "
+        f"batch={args.batch_size}x{args.seq_len} r={args.rank} "
         f"supervised={args.supervised}: "
         f"median step {med * 1000:.0f} ms, {toks / med:.1f} tok/s "
         f"(best {toks / min(times):.1f}, mean {toks * len(times) / sum(times):.1f}); "

@@ -45,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.epilog = (
         "A checkpoint is written every student.train.checkpoint_every steps and on Ctrl-C; running\n"
-        "the same command again resumes from it. Best adapter (by validation loss) ends up in --out."
+        "the same command again resumes from it. The adapter in --out is the one with the lowest\n"
+        "validation loss, or the final one with student.train.keep: last."
     )
 
 

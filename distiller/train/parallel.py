@@ -8,8 +8,8 @@ stream (its own thread), each BLAS call takes one core, and the shards' gradient
 before one optimizer update: the same update as the whole batch, computed on every core.
 
 On SmolLM2-135M, batch 4 x 128, LoRA r=8 (``scripts/bench_train.py``) this took the median
-step from ~2.8 s (one stream, 2-thread BLAS) to ~2.3-2.5 s on a 2-core machine. On Metal and CUDA the
-device is already parallel: one worker.
+step from ~2.8 s (one stream, 2-thread BLAS) to ~2.3-2.5 s on a 2-core machine. On Metal and
+CUDA the device is already parallel: one worker.
 """
 
 from __future__ import annotations
@@ -61,10 +61,10 @@ def keep_freed_memory() -> bool:
     MLX's CPU allocator takes every buffer from malloc. Buffers above malloc's mmap threshold
     (the 25M-float vocabulary logits, the MLP activations) are mapped fresh and unmapped on
     free, so every step pays page faults and zero-filling for them again: ~12% of a sharded
-    LoRA step's CPU time was in the kernel (``clear_page``, page faults) on SmolLM2-135M. Serving large blocks from the heap and not
-    trimming it makes later steps reuse the same pages (~10% more tokens/s). The cost is that
-    the process keeps its peak heap until it exits. Returns whether the setting took (glibc
-    only; elsewhere it does nothing).
+    LoRA step's CPU time was in the kernel (``clear_page``, page faults) on SmolLM2-135M.
+    Serving large blocks from the heap and not trimming it makes later steps reuse the same
+    pages (~10% more tokens/s). The cost is that the process keeps its peak heap until it
+    exits. Returns whether the setting took (glibc only; elsewhere it does nothing).
     """
     global _kept
     if _kept:
