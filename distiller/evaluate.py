@@ -364,7 +364,7 @@ def evaluate_together(
         raise UserError(f"style must be one of {', '.join(STYLES)}, got {style!r}")
     sets = {k: list(v)[:limit] if limit is not None else list(v) for k, v in sets.items()}
     prompts = [p for ps in sets.values() for p in ps]
-    max_tokens = max_tokens or spec.eval.max_tokens
+    max_tokens = max_tokens or spec.eval.decoding.max_tokens
     batch_size = batch_size or spec.eval.batch_size
     model, tokenizer = loaded if loaded is not None else load_model(model_ref)
     validator = build_validator(spec.validators)
@@ -387,9 +387,9 @@ def evaluate_together(
             max_tokens=max_tokens,
             temperature=0.0,
             batch_size=batch_size,
-            no_repeat_ngram=spec.eval.no_repeat_ngram,
-            repetition_penalty=spec.eval.repetition_penalty,
-            stop=spec.eval.stop,
+            no_repeat_ngram=spec.eval.decoding.no_repeat_ngram,
+            repetition_penalty=spec.eval.decoding.repetition_penalty,
+            stop=spec.eval.decoding.stop,
             progress=bar.update if bar is not None else None,
             reset_peak_memory=True,
         )
@@ -444,9 +444,9 @@ def evaluate_together(
             "disk_mb": disk_size_mb(model_ref),
             "max_tokens": max_tokens,
             "batch_size": batch_size,
-            "no_repeat_ngram": spec.eval.no_repeat_ngram,
-            "repetition_penalty": spec.eval.repetition_penalty,
-            "stop": list(spec.eval.stop),
+            "no_repeat_ngram": spec.eval.decoding.no_repeat_ngram,
+            "repetition_penalty": spec.eval.decoding.repetition_penalty,
+            "stop": list(spec.eval.decoding.stop),
             "generated_with": list(sets),
         }
         results[set_name] = EvalResult(
@@ -484,11 +484,11 @@ def eval_key(
             "style": style,
             "scaffold": scaffold,
             "validators": [asdict(v) for v in spec.validators],
-            "max_tokens": max_tokens or spec.eval.max_tokens,
+            "max_tokens": max_tokens or spec.eval.decoding.max_tokens,
             "batch_size": batch_size or spec.eval.batch_size,
-            "logit_shaping": [spec.eval.no_repeat_ngram, spec.eval.repetition_penalty],
+            "logit_shaping": [spec.eval.decoding.no_repeat_ngram, spec.eval.decoding.repetition_penalty],
             # Only when set, so results cached before stop strings existed stay valid.
-            **({"stop": list(spec.eval.stop)} if spec.eval.stop else {}),
+            **({"stop": list(spec.eval.decoding.stop)} if spec.eval.decoding.stop else {}),
         }
     )
 
@@ -759,7 +759,7 @@ def run_cli(args: argparse.Namespace) -> int:
             chat_prompt(tokenizer, render_messages(spec, p, args.style))
             for p in prompts[: args.latency]
         ]
-        lat = measure_latency(model, tokenizer, ids, args.max_tokens or spec.eval.max_tokens)
+        lat = measure_latency(model, tokenizer, ids, args.max_tokens or spec.eval.decoding.max_tokens)
         print(
             f"  single stream: {lat.ms_per_sample:.0f} ms/answer, {lat.ms_per_token:.1f} ms/token, "
             f"prefill {lat.prefill_tps:.1f} tok/s, decode {lat.decode_tps:.1f} tok/s"

@@ -266,7 +266,7 @@ def _latency(path: Path, spec: TaskSpec, who: Contender, prompts: list, loaded, 
         return json.loads(path.read_text())
     model, tokenizer = loaded
     ids = [chat_prompt(tokenizer, render_messages(spec, p, who.style)) for p in prompts[:n]]
-    figures = measure_latency(model, tokenizer, ids, max_tokens=spec.eval.max_tokens).to_dict()
+    figures = measure_latency(model, tokenizer, ids, max_tokens=spec.eval.decoding.max_tokens).to_dict()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(figures, indent=2))
     return figures

@@ -38,11 +38,13 @@ from typing import Any, NamedTuple
 
 import yaml
 
+from distiller.decoding import Decoding
 from distiller.errors import SpecError
+from distiller.hashing import stable_hash
 
 __all__ = [
     "DPOSpec",
-    "DecodingSpec",
+    "Decoding",
     "DropLayersSpec",
     "EndpointSpec",
     "EvalSpec",
@@ -84,16 +86,8 @@ class FewShot(NamedTuple):
     assistant: str
 
 
-@dataclass(frozen=True)
-class DecodingSpec:
-    temperature: float = 0.7  # 0 = greedy
-    top_p: float = 1.0
-    max_tokens: int = 256
-    seed: int | None = 0
-    # Logit shaping against a small model's habit of repeating itself (local models only):
-    no_repeat_ngram: int = 0  # forbid completing an n-gram already generated; 0 = off
-    repetition_penalty: float | None = None  # mlx-lm/vLLM style; None = off
-    stop: tuple[str, ...] = ()  # end a generation at any of these strings (OpenAI's ``stop``)
+# The teacher samples by default (rejection sampling needs distinct draws); evaluation is greedy.
+TEACHER_DECODING = Decoding(temperature=0.7, seed=0)
 
 
 @dataclass(frozen=True)
@@ -114,7 +108,7 @@ class TeacherSpec:
     endpoint: EndpointSpec | None = None  # ... a server (exactly one of the two)
     system_prompt: str | None = None
     few_shot: tuple[FewShot, ...] = ()
-    decoding: DecodingSpec = DecodingSpec()
+    decoding: Decoding = TEACHER_DECODING
     samples_per_prompt: int = 1  # rejection-sampling budget N per prompt
     keep: str = "first"  # "first" passing sample, or "best" by validator score
     batch_size: int = 8
@@ -221,11 +215,9 @@ class SplitSpec:
 
 @dataclass(frozen=True)
 class EvalSpec:
-    max_tokens: int = 256
-    # Evaluation decodes greedily; these shape the logits of every model evaluated, alike.
-    no_repeat_ngram: int = 0
-    repetition_penalty: float | None = None
-    stop: tuple[str, ...] = ()  # strings that end a generation (e.g. a blank line)
+    # Greedy, the same for every model evaluated (and for latency): YAML keys eval.max_tokens,
+    # eval.no_repeat_ngram, eval.repetition_penalty, eval.stop.
+    decoding: Decoding = Decoding()
     thresholds: dict[str, float] = field(default_factory=dict, hash=False)
     prompt_sets: dict[str, tuple[Prompt, ...]] = field(default_factory=dict, hash=False)
     batch_size: int = 8
@@ -262,30 +254,6 @@ class TaskSpec:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d.pop("path"), d.pop("description")
         return stable_hash(d)
-
-
-def _canonical(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: _canonical(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, dict):
-        return {str(k): _canonical(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_canonical(v) for v in obj]
-    if isinstance(obj, (set, frozenset)):
-        return sorted((_canonical(v) for v in obj), key=lambda v: json.dumps(v, sort_keys=True))
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return repr(obj)
-    if obj is None or isinstance(obj, (str, int, float, bool)):
-        return obj
-    raise TypeError(f"stable_hash: cannot hash {type(obj).__name__}")
-
-
-def stable_hash(obj: Any) -> str:
-    """sha256 hex of canonical JSON (sorted keys; dataclasses as dicts, tuples as lists)."""
-    data = json.dumps(_canonical(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(data.encode("utf-8")).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -708,8 +676,8 @@ def _teacher(m: _Map, base: Path) -> TeacherSpec:
     ))  # fmt: skip
     # An explicit `seed: null` means unseeded sampling; a missing seed means 0.
     seed = None if d.is_null("seed") else d.int("seed", 0, lo=0)
-    decoding = DecodingSpec(
-        temperature=d.float("temperature", 0.7, lo=0),
+    decoding = Decoding(
+        temperature=d.float("temperature", TEACHER_DECODING.temperature, lo=0),
         top_p=d.float("top_p", 1.0, lo=0, hi=1, lo_open=True),
         max_tokens=d.int("max_tokens", 256, lo=1),
         seed=seed,
@@ -1017,8 +985,7 @@ def _eval(m: _Map, base: Path, template: str | None, fld: str) -> EvalSpec:
             m.raw("dev"), base, m.doc, m.k("dev"), inherit_template=template, inherit_field=fld
         )
     return EvalSpec(
-        max_tokens=m.int("max_tokens", 256, lo=1),
-        **_logit_shaping(m),
+        decoding=Decoding(max_tokens=m.int("max_tokens", 256, lo=1), **_logit_shaping(m)),
         thresholds=thresholds,
         prompt_sets=sets,
         batch_size=m.int("batch_size", 8, lo=1),

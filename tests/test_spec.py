@@ -80,9 +80,9 @@ def test_structured_cot_loads_with_the_intended_settings(cot):
     assert (s.route, s.prompt_style, s.lora.rank, s.lora.keys) == ("sft", "bare", 8, LORA_KEYS)
     assert s.train.max_seq_length == 512 and s.train.batch_size == 4
     assert (cot.split.train, cot.split.valid, cot.split.test, cot.split.seed) == (0.7, 0.1, 0.2, 0)
-    assert cot.eval.thresholds == {"format_rate": 0.9} and cot.eval.max_tokens == 200
-    assert (cot.teacher.decoding.no_repeat_ngram, cot.eval.no_repeat_ngram) == (4, 3)
-    assert cot.teacher.decoding.stop == cot.eval.stop == ("\n\n",)
+    assert cot.eval.thresholds == {"format_rate": 0.9} and cot.eval.decoding.max_tokens == 200
+    assert (cot.teacher.decoding.no_repeat_ngram, cot.eval.decoding.no_repeat_ngram) == (4, 3)
+    assert cot.teacher.decoding.stop == cot.eval.decoding.stop == ("\n\n",)
     assert len(cot.eval.dev) == 24
     # Prompts are the template applied to the scenario; the scenario is kept in meta.
     p = cot.prompts[0]
@@ -279,7 +279,7 @@ def test_eval_prompt_sets_may_not_leak_training_prompts(tmp_path):
 def test_stop_strings(tmp_path):
     base = "prompts: [a]\nteacher: {model: m, decoding: {stop: X}}\n"
     spec = load_spec(write(tmp_path, base + 'eval: {stop: ["\\n\\n", END]}\n'))
-    assert spec.teacher.decoding.stop == ("X",) and spec.eval.stop == ("\n\n", "END")
+    assert spec.teacher.decoding.stop == ("X",) and spec.eval.decoding.stop == ("\n\n", "END")
     err = spec_error(tmp_path, base + "eval:\n  stop: ['']\n")
     assert err.key == "eval.stop" and "non-empty string" in err.expected and err.line == 4
 
@@ -492,9 +492,9 @@ def test_logit_shaping_for_teacher_and_eval(tmp_path):
     )
     d = spec.teacher.decoding
     assert (d.no_repeat_ngram, d.repetition_penalty) == (4, 1.1)
-    assert (spec.eval.no_repeat_ngram, spec.eval.repetition_penalty) == (3, None)
+    assert (spec.eval.decoding.no_repeat_ngram, spec.eval.decoding.repetition_penalty) == (3, None)
     plain = load_spec(write(tmp_path, MINIMAL, "plain.yaml"))
-    assert (plain.eval.no_repeat_ngram, plain.teacher.decoding.no_repeat_ngram) == (0, 0)
+    assert (plain.eval.decoding.no_repeat_ngram, plain.teacher.decoding.no_repeat_ngram) == (0, 0)
     # An endpoint cannot honour it: refused at load, not silently dropped.
     err = spec_error(
         tmp_path,

@@ -1,0 +1,88 @@
+"""Decoding settings: the one value that says how a completion is decoded.
+
+A ``Decoding`` is parsed once from a spec (``teacher.decoding``, ``eval``), carried by backend
+requests, and taken as it is by every generation path (batched, shared-prefix, single-stream),
+by latency measurement and by the CLIs. A change to how decoding works touches this type and
+the code that reads it, nothing in between.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["GREEDY", "Decoding"]
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How to decode one completion. ``temperature == 0`` is greedy (then ``top_p`` and ``seed``
+    do not matter).
+
+    ``seed`` is a run seed: generation derives a distinct, stable seed per prompt position from
+    it, so a prompt's sample does not depend on which other prompts share its batch.
+    ``stop`` strings end a generation (its text ends before the string). ``no_repeat_ngram``
+    forbids completing an n-gram already generated (line breaks exempt); ``repetition_penalty``
+    is mlx-lm/vLLM style. Both shape logits, so they exist only where the logits are ours (local
+    models); an endpoint gets ``repetition_penalty`` as the vLLM extension and refuses n-grams.
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = 256
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    no_repeat_ngram: int = 0
+    repetition_penalty: float | None = None
+
+    def __post_init__(self) -> None:
+        # A list given for ``stop`` would make the value unhashable (and unequal to its tuple).
+        object.__setattr__(self, "stop", tuple(self.stop))
+        problems = self.problems()
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def problems(self) -> list[str]:
+        """What is out of range, one phrase each (``field: expected, got value``)."""
+        out = []
+        if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
+            out.append(f"max_tokens: expected an integer > 0, got {self.max_tokens!r}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            out.append(f"temperature: expected a number >= 0 (0 = greedy), got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            out.append(f"top_p: expected a number in (0, 1], got {self.top_p!r}")
+        if self.no_repeat_ngram < 0 or self.no_repeat_ngram == 1:
+            out.append(
+                f"no_repeat_ngram: expected 0 (off) or an n-gram length >= 2, "
+                f"got {self.no_repeat_ngram!r}"
+            )
+        if self.repetition_penalty is not None and not (
+            math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0
+        ):
+            out.append(
+                f"repetition_penalty: expected a number > 0, got {self.repetition_penalty!r}"
+            )
+        if any(not isinstance(s, str) for s in self.stop):
+            out.append(f"stop: expected strings, got {list(self.stop)!r}")
+        return out
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def shapes_logits(self) -> bool:
+        """Whether logits processors run (n-gram ban or a repetition penalty other than 1)."""
+        return bool(self.no_repeat_ngram) or self.repetition_penalty not in (None, 1.0)
+
+    def replace(self, **changes: Any) -> Decoding:
+        """A copy with ``changes`` applied; ``None`` values are ignored (unset CLI options)."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+GREEDY = Decoding()
