@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 
 import yaml
 
-from distiller.decoding import Decoding
+from distiller.decoding import GREEDY, Decoding
 from distiller.errors import SpecError
 from distiller.hashing import stable_hash
 
@@ -217,7 +217,7 @@ class SplitSpec:
 class EvalSpec:
     # Greedy, the same for every model evaluated (and for latency): YAML keys eval.max_tokens,
     # eval.no_repeat_ngram, eval.repetition_penalty, eval.stop.
-    decoding: Decoding = Decoding()
+    decoding: Decoding = GREEDY
     thresholds: dict[str, float] = field(default_factory=dict, hash=False)
     prompt_sets: dict[str, tuple[Prompt, ...]] = field(default_factory=dict, hash=False)
     batch_size: int = 8
