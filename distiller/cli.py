@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("distiller.doctor", "check platform, MLX device, BLAS speed and the model cache"),
     "models": ("distiller.models.cli", "pull, import (GGUF), list and locate models"),
     "generate": ("distiller.generate", "generate text with any model (quick check)"),
-    "spec": ("distiller.spec", "check a task spec; run its validators on a text (--check)"),
+    "spec": ("distiller.spec.cli", "check a task spec; run its validators on a text (--check)"),
     "teach": ("distiller.teacher", "generate validated teacher samples for a task spec"),
     "prepare": ("distiller.dataset", "turn teacher samples into train/valid/test chat data"),
     "train": ("distiller.train", "train a student adapter (sft, seq-kd, logit-kd, dpo)"),

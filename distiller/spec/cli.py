@@ -1,0 +1,62 @@
+"""``distiller spec FILE`` checks a spec; ``--check TEXT`` runs its validators on a text."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from distiller.spec.sections import load_spec
+
+
+def add_arguments(parser: Any) -> None:
+    parser.description = (
+        "Load and validate a task spec and print a summary (exit 2 on the first problem, "
+        "naming file, key and line). With --check, run the spec's validators on a text."
+    )
+    parser.add_argument("spec", help="task spec YAML, e.g. fixtures/tasks/structured_cot.yaml")
+    parser.add_argument(
+        "--check",
+        metavar="TEXT_FILE",
+        help="a file ('-' for stdin) holding one model output to validate; exit 1 if it fails",
+    )
+    parser.add_argument("--json", action="store_true", help="print the summary/verdict as JSON")
+
+
+def run_cli(args: Any) -> int:
+    import sys
+
+    spec = load_spec(args.spec)
+    if args.check:
+        from distiller.validators import build_validator
+
+        text = sys.stdin.read() if args.check == "-" else Path(args.check).read_text("utf-8")
+        verdict = build_validator(spec.validators)(text)
+        if args.json:
+            print(json.dumps(verdict.to_dict(), indent=2))
+        else:
+            print(f"{'PASS' if verdict.passed else 'FAIL'}  score {verdict.score:.3f}")
+            for reason in verdict.reasons:
+                print(f"  - {reason}")
+        return 0 if verdict.passed else 1
+    summary = {
+        "name": spec.name,
+        "path": str(spec.path),
+        "prompts": len(spec.prompts),
+        "labels": {lb: sum(p.label == lb for p in spec.prompts) for lb in spec.labels},
+        "prompt_sets": {k: len(v) for k, v in spec.eval.prompt_sets.items()},
+        "teacher": spec.teacher.model
+        or f"{spec.teacher.endpoint.model} @ {spec.teacher.endpoint.url}",
+        "few_shot": len(spec.teacher.few_shot),
+        "validators": [v.type for v in spec.validators],
+        "student": f"{spec.student.model} ({spec.student.route})",
+        "split": f"{spec.split.train:g}/{spec.split.valid:g}/{spec.split.test:g} seed {spec.split.seed}",
+        "fingerprint": spec.fingerprint()[:16],
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        for k, v in summary.items():
+            if v or v == 0:
+                print(f"{k:12} {v}")
+    return 0
