@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from pathlib import Path
-from typing import Any
 
 from distiller.spec.sections import load_spec
 
 
-def add_arguments(parser: Any) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Load and validate a task spec and print a summary (exit 2 on the first problem, "
         "naming file, key and line). With --check, run the spec's validators on a text."
@@ -23,9 +24,7 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--json", action="store_true", help="print the summary/verdict as JSON")
 
 
-def run_cli(args: Any) -> int:
-    import sys
-
+def run_cli(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     if args.check:
         from distiller.validators import build_validator

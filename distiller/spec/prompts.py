@@ -9,34 +9,38 @@ from pathlib import Path
 from typing import Any
 
 from distiller.spec.schema import Prompt
-from distiller.spec.yamldoc import _describe, _Doc, _Map, _read_doc, _resolve
+from distiller.spec.yamldoc import Doc, Map, describe, read_doc, resolve_path
 
 _RESERVED = ("id", "label", "reference", "meta")
 _PROMPTS_KEYS = ("file", "items", "template", "field", "vary")
 
 
-def _norm_text(text: str) -> str:
+def norm_text(text: str) -> str:
+    """Text as the duplicate and held-out checks compare it: whitespace collapsed, case folded."""
     return " ".join(text.split()).casefold()
 
 
-def _load_prompts(
+def load_prompts(
     value: Any,
     base: Path,
-    doc: _Doc,
+    doc: Doc,
     key: str,
     inherit_template: str | None = None,
     inherit_field: str = "text",
 ) -> tuple[Prompt, ...]:
-    """Parse one prompts section (see the module docstring); errors point at ``doc``/``key``."""
+    """Parse one prompts section (its format: the ``distiller.spec`` docstring).
+
+    Errors point at ``doc``/``key``, or at the prompts file's own lines for its entries.
+    """
     template, fld, vary = inherit_template, inherit_field, {}
     src_doc, src_key, entries = doc, key, None
     if isinstance(value, str):
-        src_doc = _read_doc(_resolve(base, value), what="prompts file")
+        src_doc = read_doc(resolve_path(base, value), what="prompts file")
         src_key, entries = "", src_doc.data
     elif isinstance(value, list):
         entries = value
     else:
-        m = _Map(doc, key, value, _PROMPTS_KEYS)
+        m = Map(doc, key, value, _PROMPTS_KEYS)
         if m.has("file") == m.has("items"):
             raise doc.error(
                 key, "exactly one of 'file' (a YAML/JSONL list) or 'items' (an inline list)"
@@ -45,7 +49,7 @@ def _load_prompts(
             template = m.data["template"]
             if template is not None and (not isinstance(template, str) or not template.strip()):
                 raise m.err(
-                    "template", f"a string with {{field}} placeholders, got {_describe(template)}"
+                    "template", f"a string with {{field}} placeholders, got {describe(template)}"
                 )
         fld = m.str("field", inherit_field)
         vm = m.raw("vary", {})
@@ -56,7 +60,7 @@ def _load_prompts(
                 raise m.err(f"vary.{vk}", "a non-empty list of values")
         vary = vm
         if m.has("file"):
-            src_doc = _read_doc(_resolve(base, m.str("file")), what="prompts file")
+            src_doc = read_doc(resolve_path(base, m.str("file")), what="prompts file")
             src_key, entries = "", src_doc.data
         else:
             src_key, entries = m.k("items"), m.raw("items")
@@ -66,9 +70,7 @@ def _load_prompts(
         except ValueError as e:
             raise doc.error(f"{key}.template", f"a valid format string ({e})") from None
     if not isinstance(entries, list) or not entries:
-        raise src_doc.error(
-            src_key, f"a non-empty list of prompt entries, got {_describe(entries)}"
-        )
+        raise src_doc.error(src_key, f"a non-empty list of prompt entries, got {describe(entries)}")
 
     prompts: list[Prompt] = []
     seen_text: dict[str, str] = {}
@@ -91,15 +93,15 @@ def _load_prompts(
             if not isinstance(meta, dict):
                 raise src_doc.error(f"{ekey}.meta", "a mapping")
             if pid is not None and not isinstance(pid, (str, int)):
-                raise src_doc.error(f"{ekey}.id", f"a string, got {_describe(pid)}")
+                raise src_doc.error(f"{ekey}.id", f"a string, got {describe(pid)}")
             if isinstance(label, bool):  # YAML 1.1 turns unquoted yes/no/on/off into booleans
                 raise src_doc.error(
                     f"{ekey}.label", f"a string (quote {label!r}-like words: 'yes', 'no')"
                 )
             if label is not None and not isinstance(label, (str, int)):
-                raise src_doc.error(f"{ekey}.label", f"a string, got {_describe(label)}")
+                raise src_doc.error(f"{ekey}.label", f"a string, got {describe(label)}")
         else:
-            raise src_doc.error(ekey, f"a string or a mapping, got {_describe(entry)}")
+            raise src_doc.error(ekey, f"a string or a mapping, got {describe(entry)}")
         for combo in combos:
             f = {**combo, **fields}
             if template is None:
@@ -118,7 +120,7 @@ def _load_prompts(
             text = text.strip()
             if not text:
                 raise src_doc.error(ekey, "a non-empty prompt text")
-            norm = _norm_text(text)
+            norm = norm_text(text)
             if norm in seen_text:
                 raise src_doc.error(ekey, f"a distinct prompt; same text as {seen_text[norm]}")
             seen_text[norm] = ekey
@@ -151,4 +153,4 @@ def read_prompts(
     """Prompts from a YAML/JSONL list outside any spec (an extra eval set, say); same rules."""
     path = Path(path).expanduser().resolve()
     value = {"file": str(path), "template": template, "field": field}
-    return _load_prompts(value, path.parent, _Doc(path, value, {}), "prompts")
+    return load_prompts(value, path.parent, Doc(path, value, {}), "prompts")

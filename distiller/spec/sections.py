@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 from typing import Any
 
 from distiller.decoding import Decoding
-from distiller.spec.prompts import _load_prompts, _norm_text
+from distiller.spec.prompts import load_prompts, norm_text
 from distiller.spec.schema import (
     LORA_KEYS,
     ROUTES,
@@ -28,67 +29,54 @@ from distiller.spec.schema import (
     TrainSpec,
     ValidatorSpec,
 )
-from distiller.spec.yamldoc import _describe, _Doc, _looks_like_path, _Map, _read_doc, _resolve
+from distiller.spec.yamldoc import Doc, Map, describe, looks_like_path, read_doc, resolve_path
 
+# The keys each mapping allows, in the order an unknown-key error lists them.
 _TOP = ("name", "description", "prompts", "teacher", "validators", "student", "split", "eval")
+_TEACHER = (
+    "model", "endpoint", "system_prompt", "few_shot", "decoding", "samples_per_prompt", "keep", "batch_size",
+)  # fmt: skip
+_ENDPOINT = (
+    "url", "model", "api_key_env", "api_key", "timeout_s", "max_concurrency", "max_retries",
+)  # fmt: skip
+_DECODING = (
+    "temperature", "top_p", "max_tokens", "seed", "no_repeat_ngram", "repetition_penalty", "stop",
+)  # fmt: skip
+_STUDENT = (
+    "model", "route", "prompt_style", "lora", "full_finetune", "train", "kd", "drop_layers", "dpo", "quantize",
+)  # fmt: skip
+_TRAIN = (
+    "iters", "epochs", "batch_size", "learning_rate", "schedule", "warmup_steps",
+    "weight_decay", "grad_clip", "max_seq_length", "steps_per_eval",
+    "early_stopping_patience", "checkpoint_every", "seed", "keep",
+)  # fmt: skip
+_LORA = ("rank", "alpha", "dropout", "layers", "keys")
+_KD = ("alpha", "beta", "gamma", "temperature", "divergence", "layer_map")
+_DROP_LAYERS = ("keep_every", "keep")
+_QUANTIZE = ("bits", "group_size")
+_SPLIT = ("train", "valid", "test", "seed", "stratify_by")
+_EVAL = (
+    "max_tokens", "no_repeat_ngram", "repetition_penalty", "stop", "thresholds", "prompt_sets",
+    "batch_size", "dev",
+)  # fmt: skip
 
 
-def _teacher(m: _Map, base: Path) -> TeacherSpec:
+# ---------------------------------------------------------------------------------------------
+# teacher
+
+
+def _teacher(m: Map, base: Path) -> TeacherSpec:
     model = endpoint = None
     if m.has("model") == m.has("endpoint"):
         raise m.doc.error(m.key, "exactly one of 'model' (local) or 'endpoint' (a server)")
     if m.has("model"):
         model = m.str("model")
-        if _looks_like_path(model):
-            model = str(_resolve(base, model))
+        if looks_like_path(model):
+            model = str(resolve_path(base, model))
     else:
-        e = m.sub(
-            "endpoint",
-            (
-                "url",
-                "model",
-                "api_key_env",
-                "api_key",
-                "timeout_s",
-                "max_concurrency",
-                "max_retries",
-            ),
-        )
-        if "api_key" in e.data:
-            raise e.err(
-                "api_key",
-                "not a key in a spec file: put the NAME of an environment variable in api_key_env",
-            )
-        url = e.str("url")
-        if not re.match(r"^https?://", url):
-            raise e.err("url", f"an http:// or https:// URL, got {url!r}")
-        env = e.raw("api_key_env")
-        if env is not None and (
-            not isinstance(env, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", env)
-        ):
-            raise e.err(
-                "api_key_env", f"an environment variable name like OPENAI_API_KEY, got {env!r}"
-            )
-        endpoint = EndpointSpec(
-            url=url,
-            model=e.str("model"),
-            api_key_env=env,
-            timeout_s=e.float("timeout_s", 120.0, lo=0, lo_open=True),
-            max_concurrency=e.int("max_concurrency", 4, lo=1),
-            max_retries=e.int("max_retries", 3, lo=0),
-        )
-    d = m.sub("decoding", (
-        "temperature", "top_p", "max_tokens", "seed", "no_repeat_ngram", "repetition_penalty", "stop",
-    ))  # fmt: skip
-    # An explicit `seed: null` means unseeded sampling; a missing seed means 0.
-    seed = None if d.is_null("seed") else d.int("seed", 0, lo=0)
-    decoding = Decoding(
-        temperature=d.float("temperature", TEACHER_DECODING.temperature, lo=0),
-        top_p=d.float("top_p", 1.0, lo=0, hi=1, lo_open=True),
-        max_tokens=d.int("max_tokens", 256, lo=1),
-        seed=seed,
-        **_logit_shaping(d),
-    )
+        endpoint = _endpoint(m.sub("endpoint", _ENDPOINT))
+    d = m.sub("decoding", _DECODING)
+    decoding = _teacher_decoding(d)
     if endpoint is not None and decoding.no_repeat_ngram:
         raise d.err(
             "no_repeat_ngram",
@@ -97,7 +85,7 @@ def _teacher(m: _Map, base: Path) -> TeacherSpec:
         )
     system_prompt = m.raw("system_prompt")
     if system_prompt is not None and not isinstance(system_prompt, str):
-        raise m.err("system_prompt", f"a string, got {_describe(system_prompt)}")
+        raise m.err("system_prompt", f"a string, got {describe(system_prompt)}")
     few_shot = _few_shot(m, base)
     return TeacherSpec(
         model=model,
@@ -111,22 +99,79 @@ def _teacher(m: _Map, base: Path) -> TeacherSpec:
     )
 
 
-def _few_shot(m: _Map, base: Path) -> tuple[FewShot, ...]:
+def _endpoint(e: Map) -> EndpointSpec:
+    if "api_key" in e.data:
+        raise e.err(
+            "api_key",
+            "not a key in a spec file: put the NAME of an environment variable in api_key_env",
+        )
+    url = e.str("url")
+    if not re.match(r"^https?://", url):
+        raise e.err("url", f"an http:// or https:// URL, got {url!r}")
+    env = e.raw("api_key_env")
+    if env is not None and (
+        not isinstance(env, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", env)
+    ):
+        raise e.err("api_key_env", f"an environment variable name like OPENAI_API_KEY, got {env!r}")
+    return EndpointSpec(
+        url=url,
+        model=e.str("model"),
+        api_key_env=env,
+        timeout_s=e.float("timeout_s", 120.0, lo=0, lo_open=True),
+        max_concurrency=e.int("max_concurrency", 4, lo=1),
+        max_retries=e.int("max_retries", 3, lo=0),
+    )
+
+
+def _teacher_decoding(d: Map) -> Decoding:
+    # An explicit `seed: null` means unseeded sampling; a missing seed means 0.
+    seed = None if d.is_null("seed") else d.int("seed", 0, lo=0)
+    decoding = Decoding(
+        temperature=d.float("temperature", TEACHER_DECODING.temperature, lo=0),
+        top_p=d.float("top_p", 1.0, lo=0, hi=1, lo_open=True),
+        max_tokens=d.int("max_tokens", 256, lo=1),
+        seed=seed,
+    )
+    return _with_logit_shaping(d, decoding)
+
+
+def _with_logit_shaping(m: Map, decoding: Decoding) -> Decoding:
+    """``decoding`` with ``m``'s ``no_repeat_ngram`` (0 or >= 2), ``repetition_penalty`` (> 0 or
+    absent) and ``stop`` (a string or a list of them)."""
+    n = m.int("no_repeat_ngram", 0, lo=0)
+    if n == 1:
+        raise m.err("no_repeat_ngram", "0 (off) or an n-gram length >= 2, got 1")
+    penalty = m.float("repetition_penalty", None, lo=0, lo_open=True)
+    stop = m.raw("stop", [])
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(x, str) and x for x in stop):
+        raise m.err("stop", f"a non-empty string or a list of them, got {describe(stop)}")
+    return dataclasses.replace(
+        decoding, no_repeat_ngram=n, repetition_penalty=penalty, stop=tuple(stop)
+    )
+
+
+def _few_shot(m: Map, base: Path) -> tuple[FewShot, ...]:
     value, doc, key = m.raw("few_shot", []), m.doc, m.k("few_shot")
     if isinstance(value, str):
-        doc = _read_doc(_resolve(base, value), what="few-shot file")
+        doc = read_doc(resolve_path(base, value), what="few-shot file")
         value, key = doc.data, ""
     if not isinstance(value, list):
         raise doc.error(key, "a list of {user, assistant} mappings, or a file holding one")
     out = []
     for i, ex in enumerate(value):
-        em = _Map(doc, f"{key}[{i}]", ex, ("user", "assistant"))
+        em = Map(doc, f"{key}[{i}]", ex, ("user", "assistant"))
         out.append(FewShot(em.str("user").strip(), em.str("assistant").strip()))
     return tuple(out)
 
 
+# ---------------------------------------------------------------------------------------------
+# validators
+
+
 def _validators(
-    doc: _Doc, value: Any, base: Path, prompts: tuple[Prompt, ...]
+    doc: Doc, value: Any, base: Path, prompts: tuple[Prompt, ...]
 ) -> tuple[ValidatorSpec, ...]:
     from distiller import validators as V
 
@@ -142,7 +187,7 @@ def _validators(
         type_ = entry["type"]
         params = {k: v for k, v in entry.items() if k != "type"}
         if type_ == "json_schema" and isinstance(params.get("schema_file"), str):
-            params["schema_file"] = str(_resolve(base, params["schema_file"]))
+            params["schema_file"] = str(resolve_path(base, params["schema_file"]))
         if (
             type_ == "label"
             and params.get("labels") is None
@@ -167,51 +212,89 @@ def _validators(
     return tuple(specs)
 
 
-def _student(m: _Map, teacher: TeacherSpec) -> StudentSpec:
+# ---------------------------------------------------------------------------------------------
+# student
+
+
+def _student(m: Map, teacher: TeacherSpec) -> StudentSpec:
     if m.has("model"):
         model = m.str("model")
     elif teacher.model is not None:
         model = teacher.model  # distilling into the teacher's own base model (or a cut of it)
     else:
         raise m.err("model", "required when the teacher is an endpoint")
-    if _looks_like_path(model):
-        model = str(_resolve(m.doc.path.parent, model))
+    if looks_like_path(model):
+        model = str(resolve_path(m.doc.path.parent, model))
     route = m.str("route", "sft", choices=ROUTES)
     full = m.bool("full_finetune", False)
     lora = None
     if full and m.has("lora"):
         raise m.err("lora", "absent when full_finetune is true (they are exclusive)")
     if not full:
-        lm = m.sub("lora", ("rank", "alpha", "dropout", "layers", "keys"))
-        layers = lm.raw("layers", "all")
-        if layers != "all":
-            layers = lm.int("layers", lo=1)
-        keys = lm.raw("keys", list(LORA_KEYS))
-        if (
-            not isinstance(keys, list)
-            or not keys
-            or not all(isinstance(k, str) and k for k in keys)
-        ):
-            raise lm.err(
-                "keys", f"a non-empty list of projection names like {', '.join(LORA_KEYS)}"
+        lora = _lora(m.sub("lora", _LORA))
+    train = _train(m.sub("train", _TRAIN))
+
+    kd = None
+    if m.has("kd") and route != "logit-kd":
+        raise m.err("kd", f"absent unless route is logit-kd (route is {route})")
+    if route == "logit-kd":
+        if teacher.model is None:
+            raise m.err(
+                "route",
+                "a route other than logit-kd: logit KD needs a local teacher model, not an endpoint",
             )
-        if len(set(keys)) != len(keys):
-            raise lm.err("keys", "distinct projection names")
-        lora = LoraSpec(
-            rank=lm.int("rank", 8, lo=1),
-            alpha=lm.float("alpha", 16.0, lo=0, lo_open=True),
-            dropout=lm.float("dropout", 0.0, lo=0, hi=1, hi_open=True),
-            layers=layers,
-            keys=tuple(keys),
-        )
-    tm = m.sub(
-        "train",
-        (
-            "iters", "epochs", "batch_size", "learning_rate", "schedule", "warmup_steps",
-            "weight_decay", "grad_clip", "max_seq_length", "steps_per_eval",
-            "early_stopping_patience", "checkpoint_every", "seed", "keep",
-        ),
-    )  # fmt: skip
+        kd = _kd(m.sub("kd", _KD))
+
+    drop = None
+    if m.has("drop_layers"):
+        if teacher.model is None:
+            raise m.err(
+                "drop_layers",
+                "absent when the teacher is an endpoint (layers come from a local teacher)",
+            )
+        drop = _drop_layers(m.sub("drop_layers", _DROP_LAYERS))
+
+    dpo = None
+    if m.has("dpo") and route != "dpo":
+        raise m.err("dpo", f"absent unless route is dpo (route is {route})")
+    if route == "dpo":
+        dpo = DPOSpec(beta=m.sub("dpo", ("beta",)).float("beta", 0.1, lo=0, lo_open=True))
+
+    quant = _quantize(m.sub("quantize", _QUANTIZE)) if m.has("quantize") else None
+
+    return StudentSpec(
+        model=model,
+        route=route,
+        prompt_style=m.str("prompt_style", "bare", choices=("bare", "scaffold")),
+        lora=lora,
+        full_finetune=full,
+        train=train,
+        kd=kd,
+        drop_layers=drop,
+        dpo=dpo,
+        quantize=quant,
+    )
+
+
+def _lora(lm: Map) -> LoraSpec:
+    layers = lm.raw("layers", "all")
+    if layers != "all":
+        layers = lm.int("layers", lo=1)
+    keys = lm.raw("keys", list(LORA_KEYS))
+    if not isinstance(keys, list) or not keys or not all(isinstance(k, str) and k for k in keys):
+        raise lm.err("keys", f"a non-empty list of projection names like {', '.join(LORA_KEYS)}")
+    if len(set(keys)) != len(keys):
+        raise lm.err("keys", "distinct projection names")
+    return LoraSpec(
+        rank=lm.int("rank", 8, lo=1),
+        alpha=lm.float("alpha", 16.0, lo=0, lo_open=True),
+        dropout=lm.float("dropout", 0.0, lo=0, hi=1, hi_open=True),
+        layers=layers,
+        keys=tuple(keys),
+    )
+
+
+def _train(tm: Map) -> TrainSpec:
     if tm.has("iters") and tm.has("epochs"):
         raise tm.err("epochs", "absent when iters is set (give exactly one of iters / epochs)")
     epochs = tm.float("epochs", None, lo=0, lo_open=True)
@@ -235,102 +318,74 @@ def _student(m: _Map, teacher: TeacherSpec) -> StudentSpec:
     )
     if iters is not None and train.warmup_steps >= iters:
         raise tm.err("warmup_steps", f"fewer than iters ({iters}), got {train.warmup_steps}")
+    return train
 
-    kd = None
-    if m.has("kd") and route != "logit-kd":
-        raise m.err("kd", f"absent unless route is logit-kd (route is {route})")
-    if route == "logit-kd":
-        if teacher.model is None:
-            raise m.err(
-                "route",
-                "a route other than logit-kd: logit KD needs a local teacher model, not an endpoint",
+
+def _kd(km: Map) -> KDSpec:
+    layer_map = km.raw("layer_map", "auto")
+    if layer_map != "auto":
+        ok = (
+            isinstance(layer_map, list)
+            and layer_map
+            and all(
+                isinstance(p, list)
+                and len(p) == 2
+                and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in p)
+                for p in layer_map
             )
-        km = m.sub("kd", ("alpha", "beta", "gamma", "temperature", "divergence", "layer_map"))
-        layer_map = km.raw("layer_map", "auto")
-        if layer_map != "auto":
-            ok = (
-                isinstance(layer_map, list)
-                and layer_map
-                and all(
-                    isinstance(p, list)
-                    and len(p) == 2
-                    and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in p)
-                    for p in layer_map
-                )
-            )
-            if not ok:
-                raise km.err(
-                    "layer_map", "'auto' or a list of [student_layer, teacher_layer] index pairs"
-                )
-            layer_map = tuple((int(a), int(b)) for a, b in layer_map)
-        kd = KDSpec(
-            alpha=km.float("alpha", 0.5, lo=0),
-            beta=km.float("beta", 0.5, lo=0),
-            gamma=km.float("gamma", 0.0, lo=0),
-            temperature=km.float("temperature", 2.0, lo=0, lo_open=True),
-            divergence=km.str("divergence", "kl", choices=("kl", "reverse_kl", "jsd")),
-            layer_map=layer_map,
         )
-        if kd.alpha + kd.beta + kd.gamma == 0:
-            raise km.err("alpha", "at least one of alpha, beta, gamma > 0")
-
-    drop = None
-    if m.has("drop_layers"):
-        if teacher.model is None:
-            raise m.err(
-                "drop_layers",
-                "absent when the teacher is an endpoint (layers come from a local teacher)",
+        if not ok:
+            raise km.err(
+                "layer_map", "'auto' or a list of [student_layer, teacher_layer] index pairs"
             )
-        dm = m.sub("drop_layers", ("keep_every", "keep"))
-        if dm.has("keep_every") == dm.has("keep"):
-            raise dm.doc.error(
-                dm.key,
-                "exactly one of keep_every (an integer >= 2) or keep (a list of layer indices)",
-            )
-        keep = dm.raw("keep")
-        if keep is not None:
-            if (
-                not isinstance(keep, list)
-                or not keep
-                or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in keep)
-            ):
-                raise dm.err("keep", "a non-empty list of layer indices (integers >= 0)")
-            if len(set(keep)) != len(keep):
-                raise dm.err("keep", "distinct layer indices")
-            keep = tuple(sorted(keep))
-        drop = DropLayersSpec(keep_every=dm.int("keep_every", None, lo=2), keep=keep)
-
-    dpo = None
-    if m.has("dpo") and route != "dpo":
-        raise m.err("dpo", f"absent unless route is dpo (route is {route})")
-    if route == "dpo":
-        dpo = DPOSpec(beta=m.sub("dpo", ("beta",)).float("beta", 0.1, lo=0, lo_open=True))
-
-    quant = None
-    if m.has("quantize"):
-        qm = m.sub("quantize", ("bits", "group_size"))
-        bits, gs = qm.int("bits", 4), qm.int("group_size", 64)
-        if bits not in (2, 3, 4, 5, 6, 8):
-            raise qm.err("bits", f"one of 2, 3, 4, 5, 6, 8; got {bits}")
-        if gs not in (32, 64, 128):
-            raise qm.err("group_size", f"one of 32, 64, 128; got {gs}")
-        quant = QuantizeSpec(bits, gs)
-
-    return StudentSpec(
-        model=model,
-        route=route,
-        prompt_style=m.str("prompt_style", "bare", choices=("bare", "scaffold")),
-        lora=lora,
-        full_finetune=full,
-        train=train,
-        kd=kd,
-        drop_layers=drop,
-        dpo=dpo,
-        quantize=quant,
+        layer_map = tuple((int(a), int(b)) for a, b in layer_map)
+    kd = KDSpec(
+        alpha=km.float("alpha", 0.5, lo=0),
+        beta=km.float("beta", 0.5, lo=0),
+        gamma=km.float("gamma", 0.0, lo=0),
+        temperature=km.float("temperature", 2.0, lo=0, lo_open=True),
+        divergence=km.str("divergence", "kl", choices=("kl", "reverse_kl", "jsd")),
+        layer_map=layer_map,
     )
+    if kd.alpha + kd.beta + kd.gamma == 0:
+        raise km.err("alpha", "at least one of alpha, beta, gamma > 0")
+    return kd
 
 
-def _split(m: _Map, prompts: tuple[Prompt, ...]) -> SplitSpec:
+def _drop_layers(dm: Map) -> DropLayersSpec:
+    if dm.has("keep_every") == dm.has("keep"):
+        raise dm.doc.error(
+            dm.key,
+            "exactly one of keep_every (an integer >= 2) or keep (a list of layer indices)",
+        )
+    keep = dm.raw("keep")
+    if keep is not None:
+        if (
+            not isinstance(keep, list)
+            or not keep
+            or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in keep)
+        ):
+            raise dm.err("keep", "a non-empty list of layer indices (integers >= 0)")
+        if len(set(keep)) != len(keep):
+            raise dm.err("keep", "distinct layer indices")
+        keep = tuple(sorted(keep))
+    return DropLayersSpec(keep_every=dm.int("keep_every", None, lo=2), keep=keep)
+
+
+def _quantize(qm: Map) -> QuantizeSpec:
+    bits, gs = qm.int("bits", 4), qm.int("group_size", 64)
+    if bits not in (2, 3, 4, 5, 6, 8):
+        raise qm.err("bits", f"one of 2, 3, 4, 5, 6, 8; got {bits}")
+    if gs not in (32, 64, 128):
+        raise qm.err("group_size", f"one of 32, 64, 128; got {gs}")
+    return QuantizeSpec(bits, gs)
+
+
+# ---------------------------------------------------------------------------------------------
+# split and eval
+
+
+def _split(m: Map, prompts: tuple[Prompt, ...]) -> SplitSpec:
     s = SplitSpec(
         train=m.float("train", 0.7, lo=0, hi=1, lo_open=True, hi_open=True),
         valid=m.float("valid", 0.1, lo=0, hi=1, hi_open=True),
@@ -350,21 +405,7 @@ def _split(m: _Map, prompts: tuple[Prompt, ...]) -> SplitSpec:
     return s
 
 
-def _logit_shaping(m: _Map) -> dict[str, Any]:
-    """``no_repeat_ngram`` (0 or >= 2), ``repetition_penalty`` (> 0 or absent), ``stop``."""
-    n = m.int("no_repeat_ngram", 0, lo=0)
-    if n == 1:
-        raise m.err("no_repeat_ngram", "0 (off) or an n-gram length >= 2, got 1")
-    penalty = m.float("repetition_penalty", None, lo=0, lo_open=True)
-    stop = m.raw("stop", [])
-    if isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(x, str) and x for x in stop):
-        raise m.err("stop", f"a non-empty string or a list of them, got {_describe(stop)}")
-    return {"no_repeat_ngram": n, "repetition_penalty": penalty, "stop": tuple(stop)}
-
-
-def _eval(m: _Map, base: Path, template: str | None, fld: str) -> EvalSpec:
+def _eval(m: Map, base: Path, template: str | None, fld: str) -> EvalSpec:
     th = m.raw("thresholds", {})
     if not isinstance(th, dict):
         raise m.err("thresholds", "a mapping of metric name -> number")
@@ -377,7 +418,7 @@ def _eval(m: _Map, base: Path, template: str | None, fld: str) -> EvalSpec:
     for name, value in ps.items():
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(name)):
             raise m.err(f"prompt_sets.{name}", "a set name of letters, digits, _ . -")
-        sets[str(name)] = _load_prompts(
+        sets[str(name)] = load_prompts(
             value,
             base,
             m.doc,
@@ -387,11 +428,11 @@ def _eval(m: _Map, base: Path, template: str | None, fld: str) -> EvalSpec:
         )
     dev: tuple[Prompt, ...] = ()
     if m.has("dev"):
-        dev = _load_prompts(
+        dev = load_prompts(
             m.raw("dev"), base, m.doc, m.k("dev"), inherit_template=template, inherit_field=fld
         )
     return EvalSpec(
-        decoding=Decoding(max_tokens=m.int("max_tokens", 256, lo=1), **_logit_shaping(m)),
+        decoding=_with_logit_shaping(m, Decoding(max_tokens=m.int("max_tokens", 256, lo=1))),
         thresholds=thresholds,
         prompt_sets=sets,
         batch_size=m.int("batch_size", 8, lo=1),
@@ -399,11 +440,48 @@ def _eval(m: _Map, base: Path, template: str | None, fld: str) -> EvalSpec:
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# cross-checks and the whole spec
+
+
+def _check_few_shot_passes(
+    doc: Doc, teacher: TeacherSpec, validators: tuple[ValidatorSpec, ...]
+) -> None:
+    """The teacher imitates its few-shot answers: ones that fail the task's own checks teach it
+    to fail."""
+    if not (validators and teacher.few_shot):
+        return
+    from distiller.validators import build_validator
+
+    check = build_validator(validators)
+    for i, ex in enumerate(teacher.few_shot):
+        verdict = check(ex.assistant)
+        if not verdict.passed:
+            raise doc.error(
+                f"teacher.few_shot[{i}].assistant",
+                "an answer that passes the validators: " + "; ".join(verdict.reasons),
+            )
+
+
+def _check_held_out(doc: Doc, prompts: tuple[Prompt, ...], ev: EvalSpec) -> None:
+    """Eval prompt sets and the dev set share no prompt text with the curriculum."""
+    train_texts = {norm_text(p.text): p.id for p in prompts}
+    held_out = {f"eval.prompt_sets.{k}": v for k, v in ev.prompt_sets.items()}
+    held_out["eval.dev"] = ev.dev
+    for key, set_prompts in held_out.items():
+        for p in set_prompts:
+            if norm_text(p.text) in train_texts:
+                raise doc.error(
+                    key,
+                    f"prompts not in the curriculum; {p.id!r} is the curriculum's {train_texts[norm_text(p.text)]!r}",
+                )
+
+
 def load_spec(path: str | Path) -> TaskSpec:
     """Read and validate a task spec; raises ``SpecError`` (file, key, expected, line)."""
     path = Path(path).expanduser().resolve()
-    doc = _read_doc(path, what="task spec")
-    top = _Map(doc, "", doc.data, _TOP)
+    doc = read_doc(path, what="task spec")
+    top = Map(doc, "", doc.data, _TOP)
     base = path.parent
     name = top.str("name", path.stem)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
@@ -415,54 +493,22 @@ def load_spec(path: str | Path) -> TaskSpec:
     if not top.has("prompts"):
         raise top.err("prompts", "required: a prompts file, a list, or {file, template, ...}")
     pv = top.data["prompts"]
-    prompts = _load_prompts(pv, base, doc, "prompts")
+    prompts = load_prompts(pv, base, doc, "prompts")
     template = pv.get("template") if isinstance(pv, dict) else None
     fld = (pv.get("field") or "text") if isinstance(pv, dict) else "text"
 
     if not top.has("teacher"):
         raise top.err("teacher", "required: {model: ...} or {endpoint: {url, model}}")
-    teacher = _teacher(top.sub("teacher", (
-        "model", "endpoint", "system_prompt", "few_shot", "decoding", "samples_per_prompt", "keep", "batch_size",
-    )), base)  # fmt: skip
+    teacher = _teacher(top.sub("teacher", _TEACHER), base)
     validators = _validators(doc, top.data.get("validators"), base, prompts)
     if teacher.keep == "best" and not validators:
         raise top.err("teacher.keep", "'first' when no validators are given (nothing to rank by)")
-    if validators and teacher.few_shot:
-        # The teacher imitates its few-shot answers: ones that fail the task's own checks teach
-        # it to fail.
-        from distiller.validators import build_validator
+    _check_few_shot_passes(doc, teacher, validators)
 
-        check = build_validator(validators)
-        for i, ex in enumerate(teacher.few_shot):
-            verdict = check(ex.assistant)
-            if not verdict.passed:
-                raise doc.error(
-                    f"teacher.few_shot[{i}].assistant",
-                    "an answer that passes the validators: " + "; ".join(verdict.reasons),
-                )
-
-    student = _student(top.sub("student", (
-        "model", "route", "prompt_style", "lora", "full_finetune", "train", "kd", "drop_layers", "dpo", "quantize",
-    )), teacher)  # fmt: skip
-    split = _split(top.sub("split", ("train", "valid", "test", "seed", "stratify_by")), prompts)
-    eval_keys = ("max_tokens", "no_repeat_ngram", "repetition_penalty", "stop", "thresholds")
-    ev = _eval(
-        top.sub("eval", (*eval_keys, "prompt_sets", "batch_size", "dev")),
-        base,
-        template,
-        fld,
-    )
-
-    train_texts = {_norm_text(p.text): p.id for p in prompts}
-    held_out = {f"eval.prompt_sets.{k}": v for k, v in ev.prompt_sets.items()}
-    held_out["eval.dev"] = ev.dev
-    for key, set_prompts in held_out.items():
-        for p in set_prompts:
-            if _norm_text(p.text) in train_texts:
-                raise doc.error(
-                    key,
-                    f"prompts not in the curriculum; {p.id!r} is the curriculum's {train_texts[_norm_text(p.text)]!r}",
-                )
+    student = _student(top.sub("student", _STUDENT), teacher)
+    split = _split(top.sub("split", _SPLIT), prompts)
+    ev = _eval(top.sub("eval", _EVAL), base, template, fld)
+    _check_held_out(doc, prompts, ev)
 
     return TaskSpec(
         name=name,

@@ -15,7 +15,7 @@ import yaml
 from distiller.errors import SpecError
 
 
-class _Doc:
+class Doc:
     """One parsed file: its data, and the line of every dotted key (for error messages)."""
 
     def __init__(self, path: Path, data: Any, lines: dict[str, int]):
@@ -53,7 +53,8 @@ def _walk_lines(node: yaml.Node, prefix: str, out: dict[str, int]) -> None:
             _walk_lines(item, key, out)
 
 
-def _read_doc(path: Path, *, what: str = "file") -> _Doc:
+def read_doc(path: Path, *, what: str = "file") -> Doc:
+    """Parse a YAML file (or a JSONL one, one value per line); ``what`` names it in errors."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -71,7 +72,7 @@ def _read_doc(path: Path, *, what: str = "file") -> _Doc:
                         path, f"[{len(data)}]", f"one JSON value per line ({e})", n
                     ) from None
                 lines[f"[{len(data) - 1}]"] = n
-        return _Doc(path, data, lines)
+        return Doc(path, data, lines)
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -84,7 +85,7 @@ def _read_doc(path: Path, *, what: str = "file") -> _Doc:
     lines: dict[str, int] = {}
     if node is not None:
         _walk_lines(node, "", lines)
-    return _Doc(path, data, lines)
+    return Doc(path, data, lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,7 +95,8 @@ _MISSING: Any = object()
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
-def _describe(v: Any) -> str:
+def describe(v: Any) -> str:
+    """A value as an error message shows it: its kind for containers, its repr otherwise."""
     if isinstance(v, dict):
         return "a mapping"
     if isinstance(v, list):
@@ -102,12 +104,15 @@ def _describe(v: Any) -> str:
     return repr(v)
 
 
-class _Map:
-    def __init__(self, doc: _Doc, key: str, value: Any, allowed: tuple[str, ...]):
+class Map:
+    """One mapping of a spec at dotted ``key``: unknown keys are errors (with a "did you mean"),
+    and each accessor checks a key's type and range, naming file, key and line when it fails."""
+
+    def __init__(self, doc: Doc, key: str, value: Any, allowed: tuple[str, ...]):
         if value is None:
             value = {}
         if not isinstance(value, dict):
-            raise doc.error(key, f"a mapping, got {_describe(value)}")
+            raise doc.error(key, f"a mapping, got {describe(value)}")
         self.doc, self.key, self.data, self.allowed = doc, key, value, allowed
         for k in value:
             if k not in allowed:
@@ -134,8 +139,8 @@ class _Map:
         v = self.data.get(name)
         return default if v is None else v
 
-    def sub(self, name: str, allowed: tuple[str, ...]) -> _Map:
-        return _Map(self.doc, self.k(name), self.data.get(name), allowed)
+    def sub(self, name: str, allowed: tuple[str, ...]) -> Map:
+        return Map(self.doc, self.k(name), self.data.get(name), allowed)
 
     def str(
         self, name: str, default: Any = _MISSING, choices: tuple[str, ...] | None = None
@@ -155,7 +160,7 @@ class _Map:
                 raise self.err(name, f"one of {', '.join(choices)}; got {v!r}{more}")
             return v
         if not isinstance(v, str) or not v.strip():
-            raise self.err(name, f"a non-empty string, got {_describe(v)}")
+            raise self.err(name, f"a non-empty string, got {describe(v)}")
         return v
 
     def int(
@@ -167,7 +172,7 @@ class _Map:
                 raise self.err(name, "required (an integer)")
             return default
         if isinstance(v, bool) or not isinstance(v, int):
-            raise self.err(name, f"an integer, got {_describe(v)}")
+            raise self.err(name, f"an integer, got {describe(v)}")
         self._range(name, v, lo, hi)
         return v
 
@@ -189,7 +194,7 @@ class _Map:
         if isinstance(v, str) and _NUMBER.match(v.strip()):
             v = float(v)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise self.err(name, f"a number, got {_describe(v)}")
+            raise self.err(name, f"a number, got {describe(v)}")
         v = float(v)
         if (lo is not None and (v < lo or (lo_open and v == lo))) or (
             hi is not None and (v > hi or (hi_open and v == hi))
@@ -205,7 +210,7 @@ class _Map:
         if v is None:
             return default
         if not isinstance(v, bool):
-            raise self.err(name, f"true or false, got {_describe(v)}")
+            raise self.err(name, f"true or false, got {describe(v)}")
         return v
 
     def _range(self, name: str, v: float, lo: float | None, hi: float | None) -> None:
@@ -221,10 +226,12 @@ def _g(x: float | None) -> str:
     return "inf" if x is None else f"{x:g}"
 
 
-def _resolve(base: Path, value: str) -> Path:
+def resolve_path(base: Path, value: str) -> Path:
+    """``value`` as an absolute path; a relative one is relative to ``base`` (the spec's dir)."""
     p = Path(value).expanduser()
     return p if p.is_absolute() else (base / p).resolve()
 
 
-def _looks_like_path(value: str) -> bool:
+def looks_like_path(value: str) -> bool:
+    """Whether a model name is a filesystem path (resolved) rather than a registry or hub name."""
     return value.startswith(("./", "../", "/", "~")) or value in (".", "..")
