@@ -8,12 +8,13 @@ the code that reads it, nothing in between.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["GREEDY", "Decoding"]
+__all__ = ["GREEDY", "Decoding", "add_decoding_arguments", "cli_text", "decoding_from_args"]
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,9 @@ class Decoding:
         if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
             out.append(f"max_tokens: expected an integer > 0, got {self.max_tokens!r}")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            out.append(f"temperature: expected a number >= 0 (0 = greedy), got {self.temperature!r}")
+            out.append(
+                f"temperature: expected a number >= 0 (0 = greedy), got {self.temperature!r}"
+            )
         if not 0 < self.top_p <= 1:
             out.append(f"top_p: expected a number in (0, 1], got {self.top_p!r}")
         if self.no_repeat_ngram < 0 or self.no_repeat_ngram == 1:
@@ -86,3 +89,90 @@ class Decoding:
 
 
 GREEDY = Decoding()
+
+
+# -- command-line options ------------------------------------------------------------------
+
+
+def cli_text(text: str) -> str:
+    """A command-line string with ``\\n`` and ``\\t`` read as a line break and a tab."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def add_decoding_arguments(parser: argparse.ArgumentParser, defaults: Decoding | None) -> None:
+    """The decoding options every generating command takes. ``defaults=None``: every option
+    defaults to unset, and ``decoding_from_args`` leaves the base value (a spec's) alone."""
+
+    def default(name: str) -> Any:
+        return None if defaults is None else getattr(defaults, name)
+
+    def shown(name: str, fallback: str) -> str:
+        return f"default: {default(name)}" if defaults is not None else f"default: {fallback}"
+
+    g = parser.add_argument_group("decoding")
+    g.add_argument(
+        "--max-tokens",
+        type=int,
+        default=default("max_tokens"),
+        help=f"most tokens to generate ({shown('max_tokens', 'the spec eval.max_tokens')})",
+    )
+    g.add_argument(
+        "--temperature",
+        type=float,
+        default=default("temperature"),
+        help=f"0 = greedy ({shown('temperature', 'greedy')})",
+    )
+    g.add_argument(
+        "--top-p",
+        type=float,
+        default=default("top_p"),
+        help=f"nucleus sampling ({shown('top_p', '1')})",
+    )
+    g.add_argument("--seed", type=int, default=default("seed"), help="seed for sampling")
+    g.add_argument(
+        "--no-repeat-ngram",
+        type=int,
+        default=default("no_repeat_ngram"),
+        help="forbid repeating any n-gram of the answer; 0 = off "
+        f"({shown('no_repeat_ngram', 'the spec eval.no_repeat_ngram')})",
+    )
+    g.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=default("repetition_penalty"),
+        help="penalize tokens already in the context "
+        f"({shown('repetition_penalty', 'the spec eval.repetition_penalty')})",
+    )
+    g.add_argument(
+        "--stop",
+        action="append",
+        default=None,
+        metavar="TEXT",
+        help="end the answer at TEXT, where \\n and \\t stand for a line break and a tab "
+        f"(repeatable; --stop '' for none; {shown('stop', 'the spec eval.stop')})",
+    )
+
+
+def decoding_from_args(args: argparse.Namespace, base: Decoding = GREEDY) -> Decoding:
+    """``base`` with the options given on the command line applied; bad values are a
+    ``UserError`` naming the option."""
+    from distiller.errors import UserError
+
+    changes = {
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "seed": args.seed,
+        "no_repeat_ngram": args.no_repeat_ngram,
+        "repetition_penalty": args.repetition_penalty,
+    }
+    if args.stop is not None:
+        changes["stop"] = tuple(cli_text(x) for x in args.stop if x)
+    try:
+        return base.replace(**changes)
+    except ValueError as exc:
+        # Decoding's messages name the field; the user typed the option.
+        text = str(exc)
+        for name in changes:
+            text = text.replace(f"{name}:", f"--{name.replace('_', '-')}:")
+        raise UserError(text) from None

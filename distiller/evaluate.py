@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -27,8 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from distiller import metrics as M
+from distiller.decoding import Decoding, add_decoding_arguments, decoding_from_args
 from distiller.errors import UserError
-from distiller.spec import Prompt, TaskSpec, stable_hash
+from distiller.files import atomic_write
+from distiller.hashing import stable_hash
+from distiller.models import disk_size_mb, load_model, model_fingerprint
+from distiller.spec import Prompt, TaskSpec
 
 STYLES = ("bare", "scaffold")
 # Bump when the meaning of a stored evaluation changes, so stale caches are not reused.
@@ -72,50 +75,6 @@ class EvalResult:
 
 # ---------------------------------------------------------------------------------------------
 # Models
-
-
-def load_model(model_ref: str | Path) -> tuple[Any, Any]:
-    """(model, tokenizer) from a registry name or a model dir, in the compute dtype."""
-    from distiller.models import load_model as _load
-
-    return _load(str(model_ref))
-
-
-def model_dir(model_ref: str | Path) -> Path | None:
-    """The local directory behind a model reference, if there is one."""
-    path = Path(model_ref).expanduser()
-    if path.is_dir():
-        return path
-    try:
-        from distiller.models import resolve_model
-
-        return Path(resolve_model(str(model_ref)))
-    except (UserError, ImportError, OSError, ValueError):
-        return None
-
-
-def model_fingerprint(model_ref: str | Path) -> dict[str, Any]:
-    """What identifies a model's weights: its dir's config and weight file sizes and mtimes."""
-    path = model_dir(model_ref)
-    if path is None:
-        return {"ref": str(model_ref)}
-    weights = {
-        p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(path.glob("*.safetensors"))
-    }
-    config = path / "config.json"
-    return {
-        "dir": str(path.resolve()),
-        "config": stable_hash(config.read_text()) if config.exists() else None,
-        "weights": weights,
-    }
-
-
-def disk_size_mb(model_ref: str | Path) -> float | None:
-    """Size of the model directory's files (weights, config, tokenizer) in MB (1e6 bytes)."""
-    path = model_dir(model_ref)
-    if path is None:
-        return None
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e6
 
 
 def weight_bytes(model: Any) -> int:
@@ -260,13 +219,6 @@ def task_metrics(spec: TaskSpec, records: list[dict[str, Any]]) -> dict[str, Any
 # Evaluation
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def metrics_path(out_path: str | Path) -> Path:
     """Where the metrics JSON of a per-sample JSONL file lives: ``x.jsonl`` -> ``x.metrics.json``."""
     p = Path(out_path)
@@ -277,9 +229,9 @@ def write_result(result: EvalResult, out_path: str | Path) -> None:
     """Per-sample JSONL at ``out_path`` and metrics JSON beside it (each written atomically)."""
     out_path = Path(out_path)
     lines = [json.dumps(r, ensure_ascii=False, default=str) for r in result.records]
-    _atomic_write(out_path, "".join(line + "\n" for line in lines))
+    atomic_write(out_path, "".join(line + "\n" for line in lines))
     doc = {**result.header(), "metrics": result.metrics}
-    _atomic_write(metrics_path(out_path), json.dumps(doc, indent=2, default=str) + "\n")
+    atomic_write(metrics_path(out_path), json.dumps(doc, indent=2, default=str) + "\n")
 
 
 def read_result(out_path: str | Path) -> EvalResult:
@@ -304,7 +256,6 @@ def evaluate(
     prompts: list[Prompt] | tuple[Prompt, ...],
     out_path: str | Path | None = None,
     style: str = "bare",
-    max_tokens: int | None = None,
     limit: int | None = None,
     *,
     prompt_set: str = "prompts",
@@ -313,8 +264,9 @@ def evaluate(
     batch_size: int | None = None,
     progress: bool = True,
 ) -> EvalResult:
-    """Generate (greedy, batched; logits shaped as ``spec.eval`` says) for every prompt,
-    validate, and measure.
+    """Generate (batched, decoded as ``spec.eval.decoding`` says) for every prompt, validate,
+    and measure. To evaluate with other decoding settings, evaluate a spec that has them
+    (``dataclasses.replace``): the settings are part of what a result means.
 
     ``loaded`` is an already loaded ``(model, tokenizer)`` for ``model_ref`` (saves a reload);
     ``name`` is the display name in reports (default: ``model_ref``).
@@ -324,7 +276,6 @@ def evaluate(
         spec,
         {prompt_set: prompts},
         style,
-        max_tokens,
         limit,
         name=name,
         loaded=loaded,
@@ -341,7 +292,6 @@ def evaluate_together(
     spec: TaskSpec,
     sets: dict[str, list[Prompt] | tuple[Prompt, ...]],
     style: str = "bare",
-    max_tokens: int | None = None,
     limit: int | None = None,
     *,
     name: str | None = None,
@@ -352,8 +302,8 @@ def evaluate_together(
     """``evaluate`` on several prompt sets at once: one batched generation over all their
     prompts, then records and metrics per set.
 
-    On a CPU a decode step costs nearly the same at batch 15 as at batch 36 (reading the
-    weights dominates), so one pass over every set is much faster than one pass per set.
+    Batched decoding is bound by reading the weights, so a fuller batch costs little more per
+    step than a smaller one: one pass over every set beats one pass per set.
     Throughput and memory figures are then those of the joint pass (``metrics["generated_with"]``
     names the sets that shared it).
     """
@@ -364,7 +314,7 @@ def evaluate_together(
         raise UserError(f"style must be one of {', '.join(STYLES)}, got {style!r}")
     sets = {k: list(v)[:limit] if limit is not None else list(v) for k, v in sets.items()}
     prompts = [p for ps in sets.values() for p in ps]
-    max_tokens = max_tokens or spec.eval.decoding.max_tokens
+    decoding = spec.eval.decoding
     batch_size = batch_size or spec.eval.batch_size
     model, tokenizer = loaded if loaded is not None else load_model(model_ref)
     validator = build_validator(spec.validators)
@@ -384,12 +334,8 @@ def evaluate_together(
             model,
             tokenizer,
             ids,
-            max_tokens=max_tokens,
-            temperature=0.0,
+            decoding,
             batch_size=batch_size,
-            no_repeat_ngram=spec.eval.decoding.no_repeat_ngram,
-            repetition_penalty=spec.eval.decoding.repetition_penalty,
-            stop=spec.eval.decoding.stop,
             progress=bar.update if bar is not None else None,
             reset_peak_memory=True,
         )
@@ -442,11 +388,12 @@ def evaluate_together(
             "params": count_parameters(model),
             "weights_mb": weight_bytes(model) / 1e6,
             "disk_mb": disk_size_mb(model_ref),
-            "max_tokens": max_tokens,
+            "max_tokens": decoding.max_tokens,
             "batch_size": batch_size,
-            "no_repeat_ngram": spec.eval.decoding.no_repeat_ngram,
-            "repetition_penalty": spec.eval.decoding.repetition_penalty,
-            "stop": list(spec.eval.decoding.stop),
+            "no_repeat_ngram": decoding.no_repeat_ngram,
+            "repetition_penalty": decoding.repetition_penalty,
+            "stop": list(decoding.stop),
+            "decoding": decoding.to_dict(),
             "generated_with": list(sets),
         }
         results[set_name] = EvalResult(
@@ -465,7 +412,6 @@ def eval_key(
     spec: TaskSpec,
     prompts: list[Prompt] | tuple[Prompt, ...],
     style: str,
-    max_tokens: int | None,
     limit: int | None,
     batch_size: int | None = None,
 ) -> str:
@@ -484,11 +430,8 @@ def eval_key(
             "style": style,
             "scaffold": scaffold,
             "validators": [asdict(v) for v in spec.validators],
-            "max_tokens": max_tokens or spec.eval.decoding.max_tokens,
             "batch_size": batch_size or spec.eval.batch_size,
-            "logit_shaping": [spec.eval.decoding.no_repeat_ngram, spec.eval.decoding.repetition_penalty],
-            # Only when set, so results cached before stop strings existed stay valid.
-            **({"stop": list(spec.eval.decoding.stop)} if spec.eval.decoding.stop else {}),
+            "decoding": spec.eval.decoding,
         }
     )
 
@@ -499,7 +442,6 @@ def cached_evaluate(
     prompts: list[Prompt] | tuple[Prompt, ...],
     cache_dir: str | Path,
     style: str = "bare",
-    max_tokens: int | None = None,
     limit: int | None = None,
     *,
     prompt_set: str = "prompts",
@@ -510,7 +452,7 @@ def cached_evaluate(
     Throughput and memory figures in a reused result are those measured when it was made.
     """
     return cached_evaluate_together(
-        model_ref, spec, {prompt_set: prompts}, cache_dir, style, max_tokens, limit, **kwargs
+        model_ref, spec, {prompt_set: prompts}, cache_dir, style, limit, **kwargs
     )[prompt_set]
 
 
@@ -520,7 +462,6 @@ def cached_evaluate_together(
     sets: dict[str, list[Prompt] | tuple[Prompt, ...]],
     cache_dir: str | Path,
     style: str = "bare",
-    max_tokens: int | None = None,
     limit: int | None = None,
     **kwargs: Any,
 ) -> dict[str, EvalResult]:
@@ -529,7 +470,7 @@ def cached_evaluate_together(
     found: dict[str, EvalResult] = {}
     missing: dict[str, tuple[str, Path]] = {}
     for set_name, prompts in sets.items():
-        key = eval_key(model_ref, spec, prompts, style, max_tokens, limit, kwargs.get("batch_size"))
+        key = eval_key(model_ref, spec, prompts, style, limit, kwargs.get("batch_size"))
         out = Path(cache_dir) / f"{key[:16]}.jsonl"
         missing[set_name] = (key, out)
         if out.exists() and metrics_path(out).exists():
@@ -548,7 +489,6 @@ def cached_evaluate_together(
             spec,
             {k: sets[k] for k in missing},
             style,
-            max_tokens,
             limit,
             **kwargs,
         )
@@ -610,10 +550,12 @@ def measure_latency(
     model: Any,
     tokenizer: Any,
     prompts: list[list[int]],
-    max_tokens: int,
+    decoding: Decoding,
     warmup: int = 1,
 ) -> Latency:
-    """Greedy single-stream generation of each prompt, one at a time."""
+    """Single-stream generation of each prompt, one at a time, decoded as ``decoding`` says:
+    give it the evaluation's own settings (``spec.eval.decoding``), so the latency beside an
+    evaluation times the same answers (the same stop strings and logit shaping)."""
     import mlx.core as mx
 
     from distiller.generate import generate_one
@@ -621,13 +563,13 @@ def measure_latency(
     if not prompts:
         raise ValueError("measure_latency needs at least one prompt")
     for p in prompts[:warmup]:
-        generate_one(model, tokenizer, p, max_tokens=min(max_tokens, 8))
+        generate_one(model, tokenizer, p, decoding.replace(max_tokens=min(decoding.max_tokens, 8)))
     active_before = mx.get_active_memory()
     mx.reset_peak_memory()
     gens = []
     for p in prompts:
         start = time.perf_counter()
-        g = generate_one(model, tokenizer, p, max_tokens=max_tokens)
+        g = generate_one(model, tokenizer, p, decoding)
         gens.append((g, time.perf_counter() - start))
     ms = [1e3 * t for _, t in gens]
     tokens = sum(g.generation_tokens for g, _ in gens)
@@ -666,61 +608,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", type=Path, help="per-sample JSONL (metrics: <out>.metrics.json)")
     parser.add_argument("--limit", type=int, help="evaluate only the first N prompts")
-    parser.add_argument("--max-tokens", type=int, help="default: the spec's eval.max_tokens")
     parser.add_argument("--batch-size", type=int, help="default: the spec's eval.batch_size")
-    parser.add_argument(
-        "--no-repeat-ngram",
-        type=int,
-        metavar="N",
-        help="forbid generating any N-gram twice (0 = off; default: the spec's "
-        "eval.no_repeat_ngram)",
-    )
-    parser.add_argument(
-        "--repetition-penalty",
-        type=float,
-        metavar="P",
-        help="penalize tokens already in the context (default: the spec's eval.repetition_penalty)",
-    )
-    parser.add_argument(
-        "--stop",
-        action="append",
-        metavar="TEXT",
-        help="end each generation at TEXT, where \\n and \\t stand for a line break and a tab "
-        "(repeatable; --stop '' for none; default: the spec's eval.stop)",
-    )
+    add_decoding_arguments(parser, None)
     parser.add_argument(
         "--latency", type=int, default=0, metavar="N", help="also time N prompts single-stream"
     )
 
 
-def cli_text(text: str) -> str:
-    """A command-line string with ``\\n`` and ``\\t`` read as a line break and a tab."""
-    return text.replace("\\n", "\n").replace("\\t", "\t")
-
-
 def run_cli(args: argparse.Namespace) -> int:
     from distiller.spec import load_spec
 
-    for opt in ("limit", "max_tokens", "batch_size"):
+    for opt in ("limit", "batch_size"):
         value = getattr(args, opt)
         if value is not None and value <= 0:
             raise UserError(f"--{opt.replace('_', '-')} must be > 0, got {value}")
-    if args.no_repeat_ngram is not None and (args.no_repeat_ngram < 0 or args.no_repeat_ngram == 1):
-        raise UserError(f"--no-repeat-ngram must be 0 (off) or >= 2, got {args.no_repeat_ngram}")
-    if args.repetition_penalty is not None and args.repetition_penalty <= 0:
-        raise UserError(f"--repetition-penalty must be > 0, got {args.repetition_penalty}")
     spec = load_spec(args.task)
-    overrides = {
-        k: v
-        for k, v in (
-            ("no_repeat_ngram", args.no_repeat_ngram),
-            ("repetition_penalty", args.repetition_penalty),
-            ("stop", None if args.stop is None else tuple(cli_text(x) for x in args.stop if x)),
-        )
-        if v is not None
-    }
-    if overrides:
-        spec = replace(spec, eval=replace(spec.eval, **overrides))
+    decoding = decoding_from_args(args, spec.eval.decoding)
+    if decoding != spec.eval.decoding:
+        spec = replace(spec, eval=replace(spec.eval, decoding=decoding))
     set_name, prompts = resolve_prompts(spec, args.prompts)
     if not prompts:
         raise UserError(f"--prompts {args.prompts}: no prompts")
@@ -731,7 +636,6 @@ def run_cli(args: argparse.Namespace) -> int:
         prompts,
         out_path=args.out,
         style=args.style,
-        max_tokens=args.max_tokens,
         limit=args.limit,
         prompt_set=set_name,
         loaded=loaded,
@@ -759,7 +663,7 @@ def run_cli(args: argparse.Namespace) -> int:
             chat_prompt(tokenizer, render_messages(spec, p, args.style))
             for p in prompts[: args.latency]
         ]
-        lat = measure_latency(model, tokenizer, ids, args.max_tokens or spec.eval.decoding.max_tokens)
+        lat = measure_latency(model, tokenizer, ids, spec.eval.decoding)
         print(
             f"  single stream: {lat.ms_per_sample:.0f} ms/answer, {lat.ms_per_token:.1f} ms/token, "
             f"prefill {lat.prefill_tps:.1f} tok/s, decode {lat.decode_tps:.1f} tok/s"

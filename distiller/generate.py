@@ -12,13 +12,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import mlx.core as mx
 
 from distiller import fast_ops
+from distiller.decoding import GREEDY, Decoding, add_decoding_arguments, decoding_from_args
 from distiller.sampling import (
     LogitsProcessor,
     Sampler,
@@ -159,16 +160,11 @@ def chat_prompt(tokenizer, messages: list[dict], add_generation_prompt: bool = T
     return list(ids)
 
 
-def _seeds(seed: int | Sequence[int] | None, n: int) -> list[int | None]:
+def _seeds(seed: int | None, n: int) -> list[int | None]:
+    """Distinct, stable per-position seeds derived from one run seed (None: unseeded)."""
     if seed is None:
         return [None] * n
-    if isinstance(seed, int):
-        # Distinct, stable per-position seeds derived from one run seed.
-        return [(seed * 1_000_003 + i) % (2**63) for i in range(n)]
-    seeds = list(seed)
-    if len(seeds) != n:
-        raise ValueError(f"got {len(seeds)} seeds for {n} prompts")
-    return seeds
+    return [(seed * 1_000_003 + i) % (2**63) for i in range(n)]
 
 
 class StopStrings:
@@ -196,35 +192,107 @@ class StopStrings:
         return text[: min(cuts)] if cuts else text
 
 
+class SequenceState:
+    """One sequence's bookkeeping, the same on every generation path: append a sampled token,
+    decide whether (and why) the sequence has finished, and build its ``Generation``.
+
+    A sequence finishes at an end-of-sequence token ("stop"; the token is counted as generated
+    but not kept), at a stop string ("stop"; every token is kept, the text is cut), or at
+    ``max_tokens`` kept tokens ("length").
+    """
+
+    __slots__ = ("eos", "finish_reason", "max_tokens", "produced", "prompt_tokens", "stops",
+                 "tokens")  # fmt: skip
+
+    def __init__(
+        self, prompt_tokens: int, max_tokens: int, eos: Collection[int], stops: StopStrings
+    ):
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        self.eos = eos
+        self.stops = stops
+        self.tokens: list[int] = []
+        self.produced = 0
+        self.finish_reason: str | None = None
+
+    def add(self, token: int) -> str | None:
+        """Record one sampled token; returns the finish reason once the sequence is done."""
+        if self.finish_reason is not None:
+            raise RuntimeError("token added to a finished sequence")
+        self.produced += 1
+        if token in self.eos:
+            self.finish_reason = "stop"
+        else:
+            self.tokens.append(token)
+            if self.stops.hit(self.tokens):
+                self.finish_reason = "stop"
+            elif len(self.tokens) >= self.max_tokens:
+                self.finish_reason = "length"
+        return self.finish_reason
+
+    def result(self, start: float, **figures: float) -> Generation:
+        if self.finish_reason is None:
+            raise RuntimeError("result() of an unfinished sequence")
+        return Generation(
+            # Decoded in one go on every path: a streaming detokenizer may drop a leading
+            # space, and all paths must return identical text.
+            text=self.stops.text(self.tokens),
+            prompt_tokens=self.prompt_tokens,
+            generation_tokens=self.produced,
+            finish_reason=self.finish_reason,
+            tokens=self.tokens,
+            elapsed_s=time.perf_counter() - start,
+            **figures,
+        )
+
+
+def _new_sequences(
+    tokenizer: Any, prompts: Sequence[Sequence[int]], decoding: Decoding
+) -> list[SequenceState]:
+    eos = frozenset(tokenizer.eos_token_ids)
+    stops = StopStrings(tokenizer, decoding.stop)
+    return [SequenceState(len(p), decoding.max_tokens, eos, stops) for p in prompts]
+
+
+def _processors(tokenizer: Any, decoding: Decoding, n: int) -> list[list[LogitsProcessor]] | None:
+    """Fresh logits processors per sequence (they keep per-sequence state), or None."""
+    if not decoding.shapes_logits:
+        return None
+    exempt = whitespace_token_ids(tokenizer) if decoding.no_repeat_ngram else ()
+    return [
+        make_logits_processors(decoding.no_repeat_ngram, decoding.repetition_penalty, exempt)
+        for _ in range(n)
+    ]
+
+
+def _check_prompts(prompts: Sequence[Sequence[int]]) -> None:
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("empty prompt")
+
+
 # -- batched generation --------------------------------------------------------------------
 
 
 def generate_batch(
-    model,
-    tokenizer,
+    model: Any,
+    tokenizer: Any,
     prompts: list[list[int]],
-    max_tokens: int,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int | Sequence[int] | None = None,
+    decoding: Decoding = GREEDY,
+    *,
+    seeds: Sequence[int | None] | None = None,
     batch_size: int = 16,
     progress: Callable[[int], object] | None = None,
     reset_peak_memory: bool = False,
     min_shared_prefix: int = 64,
-    no_repeat_ngram: int = 0,
-    repetition_penalty: float | None = None,
-    stop: Sequence[str] = (),
 ) -> Generations:
     """Generate a completion for every prompt (token ids), up to ``batch_size`` at a time.
 
     When all prompts start with the same ``min_shared_prefix`` or more tokens (a teacher's system
-    prompt and few-shot examples), that prefix is prefilled once and its KV cache copied into
+    prompt and few-shot examples), that prefix is prefilled once and its KV cache shared by
     every sequence, instead of being recomputed per sequence.
 
-    ``seed`` is one run seed (per-prompt seeds are derived from it and the prompt's position)
-    or one seed per prompt. ``no_repeat_ngram`` / ``repetition_penalty`` shape the logits of
-    every sequence (see ``make_logits_processors``). A sequence also ends at any of the ``stop``
-    strings (its text ends before it). ``progress(n)`` is called with the number of sequences
+    Per-prompt seeds are derived from ``decoding.seed`` and the prompt's position, unless
+    ``seeds`` gives one per prompt. ``progress(n)`` is called with the number of sequences
     that just finished (``tqdm.update`` fits). Returns the generations in prompt order, with
     ``.stats``.
     """
@@ -232,28 +300,22 @@ def generate_batch(
 
     if not prompts:
         return Generations()
-    if max_tokens <= 0:
-        raise ValueError(f"max_tokens must be > 0, got {max_tokens}")
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("empty prompt")
+    _check_prompts(prompts)
     if batch_size <= 0:
         raise ValueError(f"batch_size must be > 0, got {batch_size}")
-
-    seeds = _seeds(seed, len(prompts))
-    if temperature == 0 or seed is None:
+    if seeds is None:
+        seeds = _seeds(decoding.seed, len(prompts))
+    elif len(seeds) != len(prompts):
+        raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
+    unseeded = decoding.greedy or all(s is None for s in seeds)
+    if unseeded:
         samplers = None  # one shared sampler: a single batched sampling call per step
-        shared = make_sampler(temperature, top_p)
+        shared = make_sampler(decoding.temperature, decoding.top_p)
     else:
-        samplers = [make_sampler(temperature, top_p, s) for s in seeds]
+        samplers = [make_sampler(decoding.temperature, decoding.top_p, s) for s in seeds]
         shared = None
-    eos = sorted(tokenizer.eos_token_ids)
-    stops = StopStrings(tokenizer, stop)
-    processors = None
-    if no_repeat_ngram or repetition_penalty:
-        exempt = whitespace_token_ids(tokenizer) if no_repeat_ngram else ()
-        processors = [
-            make_logits_processors(no_repeat_ngram, repetition_penalty, exempt) for _ in prompts
-        ]
+    sequences = _new_sequences(tokenizer, prompts, decoding)
+    processors = _processors(tokenizer, decoding, len(prompts))
 
     if reset_peak_memory:
         mx.reset_peak_memory()
@@ -262,63 +324,51 @@ def generate_batch(
         return _generate_with_shared_prefix(
             model,
             prompts,
-            max_tokens=max_tokens,
-            eos=set(eos),
-            stops=stops,
+            sequences,
             samplers=samplers or [shared] * len(prompts),
             processors=processors,
             batch_size=batch_size,
             progress=progress,
-            tokenizer=tokenizer,
             start=start,
         )
     gen = BatchGenerator(
         model,
-        max_tokens=max_tokens,
-        stop_tokens=[[t] for t in eos],
+        max_tokens=decoding.max_tokens,
+        stop_tokens=[[t] for t in sorted(tokenizer.eos_token_ids)],
         sampler=shared,
         completion_batch_size=batch_size,
         prefill_batch_size=batch_size,
     )
+    results: list[Generation | None] = [None] * len(prompts)
     try:
         prefix_len, caches, prefix_time = _prefill_shared_prefix(model, prompts, min_shared_prefix)
         uids = gen.insert(
             [p[prefix_len:] for p in prompts],
-            [max_tokens] * len(prompts),
+            [decoding.max_tokens] * len(prompts),
             caches=caches,
             samplers=samplers,
             logits_processors=processors,
         )
         index = {uid: i for i, uid in enumerate(uids)}
-        tokens: list[list[int]] = [[] for _ in prompts]
-        produced = [0] * len(prompts)
-        results: list[Generation | None] = [None] * len(prompts)
         with gen.stats() as bstats:
             while responses := gen.next_generated():
                 finished = 0
-                stopped = []
+                ours = []  # finished here (a stop string) while the generator would go on
                 for r in responses:
                     i = index[r.uid]
-                    produced[i] += 1
-                    reason = r.finish_reason
-                    if reason != "stop":
-                        tokens[i].append(r.token)
-                        if stops.hit(tokens[i]):
-                            if reason is None:
-                                stopped.append(r.uid)
-                            reason = "stop"
-                    if reason is not None:
-                        results[i] = Generation(
-                            text=stops.text(tokens[i]),
-                            prompt_tokens=len(prompts[i]),
-                            generation_tokens=produced[i],
-                            finish_reason=reason,
-                            tokens=tokens[i],
-                            elapsed_s=time.perf_counter() - start,
+                    reason = sequences[i].add(r.token)
+                    if reason is None and r.finish_reason is not None:
+                        raise RuntimeError(
+                            f"BatchGenerator ended a sequence ({r.finish_reason}) that the "
+                            "bookkeeping had not"
                         )
+                    if reason is not None:
+                        if r.finish_reason is None:
+                            ours.append(r.uid)
+                        results[i] = sequences[i].result(start)
                         finished += 1
-                if stopped:
-                    gen.remove(stopped)
+                if ours:
+                    gen.remove(ours)
                 if finished and progress is not None:
                     progress(finished)
     finally:
@@ -329,7 +379,7 @@ def generate_batch(
         results,
         prefix_len=prefix_len,
         prompt_time=bstats.prompt_time + prefix_time,
-        generation_tokens=sum(produced),
+        generation_tokens=sum(s.produced for s in sequences),
         decode_time=bstats.decode_time,
         start=start,
     )
@@ -358,7 +408,8 @@ def _collect(
     )
     out = Generations([], stats)
     for g in results:
-        assert g is not None  # every sequence ends with a finish_reason (stop or length)
+        if g is None:
+            raise RuntimeError("a sequence ended without a finish reason")
         g.prompt_tps, g.generation_tps = stats.prompt_tps, stats.generation_tps
         g.peak_memory_gb = stats.peak_memory_gb
         out.append(g)
@@ -377,10 +428,10 @@ def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
     return n
 
 
-def use_shared_prefix(model, prompts: Sequence[Sequence[int]], min_length: int) -> bool:
+def use_shared_prefix(model: Any, prompts: Sequence[Sequence[int]], min_length: int) -> bool:
     """Whether to decode with one shared prefix cache (``distiller.shared_prefix``): the prompts
     share ``min_length`` or more leading tokens, the model's attention supports it, and MLX
-    runs on the CPU (where it was measured faster; elsewhere the copied caches are used)."""
+    runs on the CPU (where it is faster; elsewhere the copied caches are used)."""
     from distiller import shared_prefix
 
     return (
@@ -391,17 +442,14 @@ def use_shared_prefix(model, prompts: Sequence[Sequence[int]], min_length: int) 
 
 
 def _generate_with_shared_prefix(
-    model,
+    model: Any,
     prompts: list[list[int]],
+    sequences: list[SequenceState],
     *,
-    max_tokens: int,
-    eos: set[int],
-    stops: StopStrings,
     samplers: list[Sampler],
     processors: list[list[LogitsProcessor]] | None,
     batch_size: int,
     progress: Callable[[int], object] | None,
-    tokenizer,
     start: float,
 ) -> Generations:
     """Static batches of up to ``batch_size`` sequences over one prefilled shared prefix.
@@ -414,7 +462,6 @@ def _generate_with_shared_prefix(
     prefix_len = shared_prefix_length(prompts)
     prefix_cache, prompt_time = _prefill_prefix(model, prompts[0][:prefix_len])
     results: list[Generation | None] = [None] * len(prompts)
-    generated = 0
     decode_time = 0.0
     for first in range(0, len(prompts), batch_size):
         rows = list(range(first, min(first + batch_size, len(prompts))))
@@ -431,41 +478,23 @@ def _generate_with_shared_prefix(
         prompt_time += time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        contexts = {i: list(prompts[i]) for i in rows}
-        tokens: dict[int, list[int]] = {i: [] for i in rows}
         while rows:
             if processors is not None:
                 shaped = []
                 for k, i in enumerate(rows):
                     row = logits[k : k + 1]
+                    context = mx.array(prompts[i] + sequences[i].tokens)
                     for process in processors[i]:
-                        row = process(mx.array(contexts[i]), row)
+                        row = process(context, row)
                     shaped.append(row)
                 logits = mx.concatenate(shaped, axis=0)
             sampled = sample_rows([samplers[i] for i in rows], logits)
             keep = []
             for k, (i, token) in enumerate(zip(rows, sampled.tolist(), strict=True)):
-                generated += 1
-                at_eos = token in eos
-                reason = "stop" if at_eos else None
-                if reason is None:
-                    tokens[i].append(token)
-                    contexts[i].append(token)
-                    if stops.hit(tokens[i]):
-                        reason = "stop"
-                    elif len(tokens[i]) >= max_tokens:
-                        reason = "length"
-                if reason is None:
+                if sequences[i].add(token) is None:
                     keep.append(k)
-                    continue
-                results[i] = Generation(
-                    text=stops.text(tokens[i]),
-                    prompt_tokens=len(prompts[i]),
-                    generation_tokens=len(tokens[i]) + at_eos,
-                    finish_reason=reason,
-                    tokens=tokens[i],
-                    elapsed_s=time.perf_counter() - start,
-                )
+                else:
+                    results[i] = sequences[i].result(start)
             if len(keep) < len(rows):
                 if progress is not None:
                     progress(len(rows) - len(keep))
@@ -474,7 +503,7 @@ def _generate_with_shared_prefix(
                     break
                 for c in cache:
                     c.filter(keep)
-            step = mx.array([[tokens[i][-1]] for i in rows])
+            step = mx.array([[sequences[i].tokens[-1]] for i in rows])
             logits = model(step, cache=cache)[:, -1, :]
         decode_time += time.perf_counter() - t0
 
@@ -483,13 +512,13 @@ def _generate_with_shared_prefix(
         results,
         prefix_len=prefix_len,
         prompt_time=prompt_time,
-        generation_tokens=generated,
+        generation_tokens=sum(s.produced for s in sequences),
         decode_time=decode_time,
         start=start,
     )
 
 
-def _prefill_prefix(model, prefix: list[int]) -> tuple[list, float]:
+def _prefill_prefix(model: Any, prefix: list[int]) -> tuple[list, float]:
     """(a single-sequence KV cache holding ``prefix``, seconds spent)."""
     from mlx_lm.models.cache import make_prompt_cache
 
@@ -503,7 +532,7 @@ def _prefill_prefix(model, prefix: list[int]) -> tuple[list, float]:
 
 
 def _prefill_shared_prefix(
-    model, prompts: list[list[int]], min_length: int
+    model: Any, prompts: list[list[int]], min_length: int
 ) -> tuple[int, list | None, float]:
     """(prefix length, one KV cache per prompt holding the prefix, seconds spent) or (0, None, 0)."""
     import copy
@@ -521,68 +550,47 @@ def _prefill_shared_prefix(
 
 
 def generate_one(
-    model,
-    tokenizer,
+    model: Any,
+    tokenizer: Any,
     prompt: list[int],
-    max_tokens: int,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int | None = None,
+    decoding: Decoding = GREEDY,
+    *,
     on_text: Callable[[str], object] | None = None,
     reset_peak_memory: bool = False,
-    no_repeat_ngram: int = 0,
-    repetition_penalty: float | None = None,
-    stop: Sequence[str] = (),
 ) -> Generation:
     """Generate one completion on the single-stream path (what a latency number means).
 
     ``on_text`` receives each decoded text segment as it is produced (for streaming output;
     with ``stop`` strings, the stream may run a few characters past where the text is cut).
-    The returned ``Generation`` carries this prompt's prefill and decode tok/s.
+    The returned ``Generation`` carries this prompt's prefill and decode tok/s. With the same
+    ``decoding``, its tokens are those of the batched paths (position 0's seed).
     """
     from mlx_lm.generate import stream_generate
 
-    if not prompt:
-        raise ValueError("empty prompt")
-    if max_tokens <= 0:
-        raise ValueError(f"max_tokens must be > 0, got {max_tokens}")
-    seed_one = _seeds(seed, 1)[0] if seed is not None else None
-    sampler = make_sampler(temperature, top_p, seed_one)
+    _check_prompts([prompt])
+    sampler = make_sampler(decoding.temperature, decoding.top_p, _seeds(decoding.seed, 1)[0])
+    (processors,) = _processors(tokenizer, decoding, 1) or [None]
+    (sequence,) = _new_sequences(tokenizer, [prompt], decoding)
     if reset_peak_memory:
         mx.reset_peak_memory()
     start = time.perf_counter()
-    tokens: list[int] = []
     last = None
-    eos = tokenizer.eos_token_ids
-    stops = StopStrings(tokenizer, stop)
-    finish_reason = None
-    exempt = whitespace_token_ids(tokenizer) if no_repeat_ngram else ()
-    processors = make_logits_processors(no_repeat_ngram, repetition_penalty, exempt)
     for last in stream_generate(
         model,
         tokenizer,
         prompt,
-        max_tokens=max_tokens,
+        max_tokens=decoding.max_tokens,
         sampler=sampler,
-        logits_processors=processors or None,
+        logits_processors=processors,
     ):
         if last.text and on_text is not None:
             on_text(last.text)
-        if not (last.finish_reason == "stop" and last.token in eos):
-            tokens.append(last.token)
-            if stops.hit(tokens):
-                finish_reason = "stop"
-                break
-    assert last is not None
-    return Generation(
-        # Decode in one go (like the batch path): the streaming detokenizer may drop a
-        # leading space, and the two paths must return identical text.
-        text=stops.text(tokens),
-        prompt_tokens=last.prompt_tokens,
-        generation_tokens=last.generation_tokens,
-        finish_reason=finish_reason or last.finish_reason or "length",
-        tokens=tokens,
-        elapsed_s=time.perf_counter() - start,
+        if sequence.add(last.token) is not None:
+            break
+    if last is None or sequence.finish_reason is None:
+        raise RuntimeError("stream_generate ended before the sequence finished")
+    return sequence.result(
+        start,
         prompt_tps=last.prompt_tps,
         generation_tps=last.generation_tps,
         peak_memory_gb=mx.get_peak_memory() / 1e9,
@@ -600,53 +608,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--prompt", required=True, help="user message ('-' reads stdin)")
     parser.add_argument("--system", default=None, help="optional system prompt")
-    parser.add_argument("--max-tokens", type=int, default=256, help="default: 256")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default: 1)")
-    parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
-
-
-def _load(name_or_path: str):
-    try:
-        from distiller.models import load_model
-    except ImportError:  # TODO: remove once distiller.models lands (another engineer's module)
-        from mlx_lm import load
-
-        from distiller.device import compute_dtype
-
-        model, tokenizer = load(name_or_path)
-        model.set_dtype(compute_dtype())
-        return model, tokenizer
-    return load_model(name_or_path)
+    add_decoding_arguments(parser, GREEDY)
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from distiller.errors import UserError
+    from distiller.models import load_model
 
-    if args.max_tokens <= 0:
-        raise UserError(f"--max-tokens must be > 0, got {args.max_tokens}")
-    if args.temperature < 0:
-        raise UserError(f"--temperature must be >= 0, got {args.temperature}")
-    if not 0 < args.top_p <= 1:
-        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
+    decoding = decoding_from_args(args)
     user = sys.stdin.read() if args.prompt == "-" else args.prompt
-    model, tokenizer = _load(args.model)
+    model, tokenizer = load_model(args.model)
     prompt = chat_prompt(tokenizer, build_messages(user, args.system))
 
     def echo(text: str) -> None:
         print(text, end="", flush=True)
 
-    g = generate_one(
-        model,
-        tokenizer,
-        prompt,
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-        on_text=echo,
-        reset_peak_memory=True,
-    )
+    g = generate_one(model, tokenizer, prompt, decoding, on_text=echo, reset_peak_memory=True)
     print()
     print(
         f"[{g.prompt_tokens} prompt tok, {g.prompt_tps:.1f} tok/s | "

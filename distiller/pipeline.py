@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from distiller.evaluate import model_fingerprint
+from distiller.models import model_fingerprint
 from distiller.spec import TaskSpec, load_spec, stable_hash
 
 STAGE_FILE = "stage.json"
@@ -266,7 +266,7 @@ def _latency(path: Path, spec: TaskSpec, who: Contender, prompts: list, loaded, 
         return json.loads(path.read_text())
     model, tokenizer = loaded
     ids = [chat_prompt(tokenizer, render_messages(spec, p, who.style)) for p in prompts[:n]]
-    figures = measure_latency(model, tokenizer, ids, max_tokens=spec.eval.decoding.max_tokens).to_dict()
+    figures = measure_latency(model, tokenizer, ids, spec.eval.decoding).to_dict()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(figures, indent=2))
     return figures

@@ -14,17 +14,21 @@ are not recorded and are tried again on the next run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from distiller.backends import Backend, Completion, CompletionRequest, make_backend
 from distiller.generate import build_messages
 from distiller.samples import SampleStore, config_hash, sample_id
+
+if TYPE_CHECKING:
+    from distiller.spec import TaskSpec
 
 MAX_REQUEST_FAILURES = 2  # per attempt and run, before the prompt is given up for this run
 
@@ -101,7 +105,7 @@ class TeacherInterrupted(KeyboardInterrupt):
         self.summary = summary
 
 
-def teacher_config(spec: Any, backend: Backend) -> tuple[str, dict]:
+def teacher_config(spec: TaskSpec, backend: Backend) -> tuple[str, dict]:
     """(config hash, teacher record field): identity + scaffold + decoding, no secrets."""
     t = spec.teacher
     identity = backend.fingerprint()
@@ -144,7 +148,7 @@ def _finished(state: _PromptState, keep: str, budget: int) -> bool:
 
 
 def run_teacher(
-    spec: Any,
+    spec: TaskSpec,
     store_path: str | Path,
     backend: Backend | None = None,
     limit: int | None = None,
@@ -176,7 +180,6 @@ def run_teacher(
     if t.decoding.temperature == 0 and budget > 1:
         # Greedy decoding repeats itself: more attempts cannot change the verdict.
         budget = 1
-    dec = t.decoding
 
     store = SampleStore(store_path)
     summary = TeacherSummary(
@@ -218,16 +221,8 @@ def run_teacher(
 
     def make_request(prompt, index: int) -> CompletionRequest:
         messages = build_messages(prompt.text, t.system_prompt, [tuple(fs) for fs in t.few_shot])
-        return CompletionRequest(
-            messages=messages,
-            max_tokens=dec.max_tokens,
-            temperature=dec.temperature,
-            top_p=dec.top_p,
-            seed=attempt_seed(dec.seed, prompt.text, index),
-            no_repeat_ngram=dec.no_repeat_ngram,
-            repetition_penalty=dec.repetition_penalty,
-            stop=dec.stop,
-        )
+        seed = attempt_seed(t.decoding.seed, prompt.text, index)
+        return CompletionRequest(messages, dataclasses.replace(t.decoding, seed=seed))
 
     def record(prompt, index: int, req: CompletionRequest, c: Completion) -> dict:
         if check is not None:
@@ -241,7 +236,7 @@ def run_teacher(
         if c.finish_reason == "length":
             # Cut off mid-answer: not something to teach, whatever the format checks say.
             accepted = False
-            reasons.append(f"truncated at max_tokens ({req.max_tokens})")
+            reasons.append(f"truncated at max_tokens ({req.decoding.max_tokens})")
             failed.append("truncated")
         return {
             "id": sample_id(prompt.text, config, index),
@@ -256,7 +251,7 @@ def run_teacher(
             "score": score,
             "verdict": verdict_d,
             "teacher": teacher_field,
-            "seed": req.seed,
+            "seed": req.decoding.seed,
             "tokens": {"prompt": c.prompt_tokens, "completion": c.completion_tokens},
             "finish_reason": c.finish_reason,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -22,18 +22,21 @@ def main() -> None:
     import mlx.core as mx
     from mlx_lm import batch_generate
 
-    from distiller.generate import _load, build_messages, chat_prompt, generate_batch, generate_one
+    from distiller.decoding import Decoding
+    from distiller.generate import build_messages, chat_prompt, generate_batch, generate_one
+    from distiller.models import load_model
 
-    model, tok = _load(args.model)
+    model, tok = load_model(args.model)
+    decoding = Decoding(max_tokens=args.max_tokens)
     topics = ["quorum", "leader election", "idempotency", "backpressure", "consistent hashing",
               "vector clocks", "two-phase commit", "gossip protocols"]  # fmt: skip
     prompts = [
         chat_prompt(tok, build_messages(f"Explain {topics[i % len(topics)]} in two sentences."))
         for i in range(args.batch)
     ]
-    generate_batch(model, tok, prompts[:2], max_tokens=4)  # warm-up
+    generate_batch(model, tok, prompts[:2], Decoding(max_tokens=4))  # warm-up
     mx.reset_peak_memory()
-    ours = generate_batch(model, tok, prompts, args.max_tokens, batch_size=args.batch)
+    ours = generate_batch(model, tok, prompts, decoding, batch_size=args.batch)
     print(f"distiller generate_batch  b={args.batch}: {ours.stats.summary()}")
     mx.reset_peak_memory()
     ref = batch_generate(model, tok, prompts, max_tokens=args.max_tokens,
@@ -44,7 +47,7 @@ def main() -> None:
         f"{s.prompt_tps:.1f} tok/s | generation {s.generation_tokens} tok, "
         f"{s.generation_tps:.1f} tok/s | peak memory {s.peak_memory:.3f} GB"
     )
-    one = generate_one(model, tok, prompts[0], args.max_tokens)
+    one = generate_one(model, tok, prompts[0], decoding)
     print(
         f"distiller generate_one   b=1: prompt {one.prompt_tokens} tok, {one.prompt_tps:.1f} tok/s"
         f" | generation {one.generation_tokens} tok, {one.generation_tps:.1f} tok/s"

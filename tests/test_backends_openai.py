@@ -13,6 +13,7 @@ from fake_openai import FakeOpenAI
 
 from distiller.backends import BackendError, CompletionRequest, make_backend
 from distiller.backends.openai_compat import OpenAICompatBackend, chat_url, parse_retry_after
+from distiller.decoding import Decoding
 from distiller.errors import UserError
 
 SECRET = "sk-test-Zq8vN3-very-secret-value"
@@ -20,7 +21,7 @@ SECRET = "sk-test-Zq8vN3-very-secret-value"
 
 def _req(text: str, seed: int | None = None) -> CompletionRequest:
     return CompletionRequest(
-        messages=[{"role": "user", "content": text}], max_tokens=32, temperature=0.7, seed=seed
+        [{"role": "user", "content": text}], Decoding(max_tokens=32, temperature=0.7, seed=seed)
     )
 
 
@@ -68,7 +69,9 @@ def test_completes_in_order_with_payload_and_auth(monkeypatch):
 def test_stop_strings_are_sent():
     with FakeOpenAI() as srv:
         be = _backend(srv)
-        (c,) = be.complete([CompletionRequest([{"role": "user", "content": "q"}], stop=("\n\n",))])
+        (c,) = be.complete(
+            [CompletionRequest([{"role": "user", "content": "q"}], Decoding(stop=("\n\n",)))]
+        )
         assert c.ok and srv.requests[0]["stop"] == ["\n\n"]
         be.close()
 
@@ -76,11 +79,15 @@ def test_stop_strings_are_sent():
 def test_repetition_penalty_is_sent_and_no_repeat_ngram_refused():
     with FakeOpenAI() as srv:
         be = _backend(srv)
-        req = CompletionRequest([{"role": "user", "content": "q"}], repetition_penalty=1.2)
+        req = CompletionRequest(
+            [{"role": "user", "content": "q"}], Decoding(repetition_penalty=1.2)
+        )
         (c,) = be.complete([req])
         assert c.ok and srv.requests[0]["repetition_penalty"] == 1.2
         with pytest.raises(BackendError, match="no_repeat_ngram"):
-            be.complete([CompletionRequest([{"role": "user", "content": "q"}], no_repeat_ngram=3)])
+            be.complete(
+                [CompletionRequest([{"role": "user", "content": "q"}], Decoding(no_repeat_ngram=3))]
+            )
         be.close()
 
 

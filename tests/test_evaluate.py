@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from distiller import evaluate as E
+from distiller.decoding import Decoding
 from distiller.errors import UserError
 from distiller.spec import load_spec
 
@@ -91,10 +93,10 @@ def test_cached_evaluate_reuses_and_invalidates(tiny_model_dir, tiny_spec, tmp_p
     assert not first.reused and first.key
     again = E.cached_evaluate(tiny_model_dir, tiny_spec, tiny_spec.prompts, tmp_path, limit=3)
     assert again.reused and again.key == first.key and again.records == first.records
-    other = E.cached_evaluate(
-        tiny_model_dir, tiny_spec, tiny_spec.prompts, tmp_path, limit=3, max_tokens=4
-    )
+    shorter = replace(tiny_spec, eval=replace(tiny_spec.eval, decoding=Decoding(max_tokens=4)))
+    other = E.cached_evaluate(tiny_model_dir, shorter, tiny_spec.prompts, tmp_path, limit=3)
     assert not other.reused and other.key != first.key
+    assert max(r["output_tokens"] for r in other.records) <= 4
 
 
 def test_sets_evaluated_together_equal_sets_evaluated_alone(tiny_model_dir, tiny_spec, tmp_path):
@@ -157,15 +159,26 @@ def test_task_metrics_classification_and_extraction():
     assert tm["json_valid"]["k"] == 1
 
 
-def test_measure_latency(tiny_model_dir):
-    from distiller.generate import build_messages, chat_prompt
+def test_measure_latency_times_the_evaluations_own_decoding(tiny_model_dir):
+    from distiller.generate import build_messages, chat_prompt, generate_batch
+    from distiller.models import load_model
 
-    model, tok = E.load_model(tiny_model_dir)
+    model, tok = load_model(tiny_model_dir)
     ids = [chat_prompt(tok, build_messages(t)) for t in ("a question", "another question")]
-    lat = E.measure_latency(model, tok, ids, max_tokens=5)
+    free = generate_batch(model, tok, ids, Decoding(max_tokens=16))
+    # A stop string from the middle of the first answer (greedy decoding is the same up to it):
+    # latency measured with the decoding must stop there too, as the evaluation does.
+    text = free[0].text
+    at = next(
+        i for i in range(3, len(text) - 2) if text[i : i + 2].isascii() and text[i : i + 2].strip()
+    )
+    decoding = Decoding(max_tokens=16, stop=(text[at : at + 2],))
+    evaluated = generate_batch(model, tok, ids, decoding)
+    lat = E.measure_latency(model, tok, ids, decoding)
     assert lat.samples == 2 and len(lat.per_sample_ms) == 2
+    assert lat.mean_output_tokens == sum(g.generation_tokens for g in evaluated) / 2
+    assert lat.mean_output_tokens < sum(g.generation_tokens for g in free) / 2
     assert lat.ms_per_sample > 0 and lat.decode_tps > 0 and lat.prefill_tps > 0
-    assert 0 < lat.mean_output_tokens <= 5
 
 
 def test_cli_eval(tiny_model_dir, tmp_path):

@@ -7,11 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlx.core as mx
+import mlx.nn as nn
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tiny_lm import build_tiny_model_dir  # tests/ is on sys.path (pytest rootdir import)
 
+from distiller.decoding import Decoding
 from distiller.generate import build_messages, chat_prompt, generate_batch, generate_one
 from distiller.sampling import make_sampler, no_repeat_ngram_processor, whitespace_token_ids
 
@@ -64,11 +67,13 @@ def test_batch_greedy_matches_single_stream_in_order(tiny):
     ] + [_raw(tok, "lazy dog"), _raw(tok, "forty-two")]
     done = []
     # batch_size < len(prompts): finished slots are refilled (continuous batching)
-    gens = generate_batch(model, tok, prompts, max_tokens=12, batch_size=4, progress=done.append)
+    gens = generate_batch(
+        model, tok, prompts, Decoding(max_tokens=12), batch_size=4, progress=done.append
+    )
     assert sum(done) == len(prompts)
     assert len(gens) == len(prompts)
     for p, g in zip(prompts, gens, strict=True):
-        single = generate_one(model, tok, p, max_tokens=12)
+        single = generate_one(model, tok, p, Decoding(max_tokens=12))
         assert g.tokens == single.tokens
         assert g.text == single.text == tok.decode(g.tokens)
         assert g.prompt_tokens == len(p)
@@ -78,7 +83,7 @@ def test_batch_greedy_matches_single_stream_in_order(tiny):
 def test_stops_at_eos_per_sequence(tiny):
     model, tok = tiny
     prompts = [_raw(tok, t) for t in ["hello world", "lazy dog", "forty-two", "quorum", "fox"]]
-    free = generate_batch(model, tok, prompts, max_tokens=8, batch_size=8)
+    free = generate_batch(model, tok, prompts, Decoding(max_tokens=8), batch_size=8)
     # Pick a stop token that occurs in some outputs but not in others.
     stop = None
     for g in free:
@@ -92,7 +97,7 @@ def test_stops_at_eos_per_sequence(tiny):
     saved = set(tok.eos_token_ids)
     tok.eos_token_ids = saved | {stop}
     try:
-        gens = generate_batch(model, tok, prompts, max_tokens=8, batch_size=8)
+        gens = generate_batch(model, tok, prompts, Decoding(max_tokens=8), batch_size=8)
     finally:
         tok.eos_token_ids = saved
     reasons = set()
@@ -112,27 +117,27 @@ def test_stops_at_eos_per_sequence(tiny):
 def test_seeded_sampling_is_reproducible_and_batch_independent(tiny):
     model, tok = tiny
     prompts = [chat_prompt(tok, build_messages(u)) for u in ["hello", "a quorum", "fox", "dog"]]
-    kw = dict(max_tokens=16, temperature=1.0, top_p=0.95)
-    a = generate_batch(model, tok, prompts, seed=7, batch_size=4, **kw)
-    b = generate_batch(model, tok, prompts, seed=7, batch_size=4, **kw)
+    sampled = Decoding(max_tokens=16, temperature=1.0, top_p=0.95)
+    a = generate_batch(model, tok, prompts, sampled.replace(seed=7), batch_size=4)
+    b = generate_batch(model, tok, prompts, sampled.replace(seed=7), batch_size=4)
     assert [g.tokens for g in a] == [g.tokens for g in b]
     # explicit per-prompt seeds, reversed order, smaller batches: same samples per prompt
     seeds = [11, 22, 33, 44]
-    c = generate_batch(model, tok, prompts, seed=seeds, batch_size=4, **kw)
-    d = generate_batch(model, tok, prompts[::-1], seed=seeds[::-1], batch_size=2, **kw)
+    c = generate_batch(model, tok, prompts, sampled, seeds=seeds, batch_size=4)
+    d = generate_batch(model, tok, prompts[::-1], sampled, seeds=seeds[::-1], batch_size=2)
     assert [g.tokens for g in c] == [g.tokens for g in d[::-1]]
     # the single-stream path draws the same sample for the same prompt and run seed
-    one = generate_one(model, tok, prompts[0], seed=7, **kw)
+    one = generate_one(model, tok, prompts[0], sampled.replace(seed=7))
     assert one.tokens == a[0].tokens
     # a different seed gives different samples (16 tokens from a 384-token vocab)
-    e = generate_batch(model, tok, prompts, seed=8, batch_size=4, **kw)
+    e = generate_batch(model, tok, prompts, sampled.replace(seed=8), batch_size=4)
     assert [g.tokens for g in e] != [g.tokens for g in a]
 
 
 def test_stats_are_measured(tiny):
     model, tok = tiny
     prompts = [chat_prompt(tok, build_messages(u)) for u in ["hello", "a quorum is"]]
-    gens = generate_batch(model, tok, prompts, max_tokens=5, reset_peak_memory=True)
+    gens = generate_batch(model, tok, prompts, Decoding(max_tokens=5), reset_peak_memory=True)
     s = gens.stats
     assert s.sequences == 2
     assert s.prompt_tokens == sum(len(p) for p in prompts)
@@ -140,21 +145,23 @@ def test_stats_are_measured(tiny):
     assert s.prompt_tps > 0 and s.decode_tps > 0 and s.generation_tps > 0
     assert s.peak_memory_gb > 0
     assert 0 < gens[0].elapsed_s <= s.wall_time
-    one = generate_one(model, tok, prompts[0], max_tokens=5)
+    one = generate_one(model, tok, prompts[0], Decoding(max_tokens=5))
     assert one.prompt_tps > 0 and one.generation_tps > 0 and one.peak_memory_gb > 0
 
 
 def test_bad_arguments(tiny):
     model, tok = tiny
     with pytest.raises(ValueError, match="empty prompt"):
-        generate_batch(model, tok, [[]], max_tokens=4)
+        generate_batch(model, tok, [[]])
+    with pytest.raises(ValueError, match="empty prompt"):
+        generate_one(model, tok, [])
     with pytest.raises(ValueError, match="max_tokens"):
-        generate_batch(model, tok, [[5]], max_tokens=0)
+        Decoding(max_tokens=0)
     with pytest.raises(ValueError, match="seeds"):
-        generate_batch(model, tok, [[5], [6]], max_tokens=2, temperature=1.0, seed=[1])
+        generate_batch(model, tok, [[5], [6]], Decoding(temperature=1.0), seeds=[1])
     with pytest.raises(ValueError, match="top_p"):
         make_sampler(1.0, top_p=0.0)
-    assert generate_batch(model, tok, [], max_tokens=4) == []
+    assert generate_batch(model, tok, []) == []
 
 
 def test_cli_generate(tiny_dir):
@@ -201,7 +208,7 @@ def test_cli_generate(tiny_dir):
         text=True,
         timeout=120,
     )
-    assert bad.returncode == 2 and "--max-tokens must be > 0" in bad.stderr
+    assert bad.returncode == 2 and "--max-tokens: expected an integer > 0, got 0" in bad.stderr
 
 
 def _ngrams(tokens: list[int], n: int) -> list[tuple[int, ...]]:
@@ -236,20 +243,53 @@ def test_no_repeat_ngram_bans_exactly_the_completing_tokens(n, prompt, generated
             context.append(generated[step])
 
 
+class FixedLogits(nn.Module):
+    """The tiny model with its head replaced by one fixed logit vector: a real forward pass
+    (the KV caches fill as usual) whose greedy choice is known by construction."""
+
+    def __init__(self, inner: nn.Module, logits: list[float]):
+        super().__init__()
+        self.inner = inner
+        self.fixed = mx.array(logits)
+
+    @property
+    def layers(self) -> list:
+        return self.inner.layers
+
+    def __call__(self, inputs: mx.array, cache=None) -> mx.array:
+        return self.inner(inputs, cache=cache) * 0 + self.fixed
+
+
+def _ranked_words(tok, k: int) -> list[int]:
+    """``k`` token ids that are neither end-of-sequence nor whitespace."""
+    exempt = whitespace_token_ids(tok) | set(tok.eos_token_ids)
+    return [i for i in range(10, 400) if i not in exempt and tok.decode([i]).strip()][:k]
+
+
+def _fixed_model(tiny, scores: dict[int, float]) -> FixedLogits:
+    model, _ = tiny
+    logits = [-10.0] * model.args.vocab_size
+    for token, score in scores.items():
+        logits[token] = score
+    return FixedLogits(model, logits)
+
+
 def test_no_repeat_ngram_in_generation(tiny):
-    model, tok = tiny
+    _, tok = tiny
+    a, b, c = _ranked_words(tok, 3)
+    # Greedy always picks a: without the constraint the answer is a, a, a, ... by construction.
+    model = _fixed_model(tiny, {a: 3.0, b: 2.0, c: 1.0})
     prompts = [chat_prompt(tok, build_messages(u)) for u in ["hello world", "a quorum", "fox"]]
-    free = generate_batch(model, tok, prompts, max_tokens=48, batch_size=3)
-    # A random tiny model loops under greedy decoding: the constraint has something to do.
-    assert any(len(set(_ngrams(g.tokens, 3))) < len(_ngrams(g.tokens, 3)) for g in free)
-    shaped = generate_batch(model, tok, prompts, max_tokens=48, batch_size=2, no_repeat_ngram=3)
-    exempt = whitespace_token_ids(tok)
-    for g in shaped:
-        grams = [gram for gram in _ngrams(g.tokens, 3) if gram[-1] not in exempt]
+    free = generate_batch(model, tok, prompts, Decoding(max_tokens=12), batch_size=3)
+    assert all(g.tokens == [a] * 12 for g in free)
+    nrng = Decoding(max_tokens=12, no_repeat_ngram=3)
+    shaped = generate_batch(model, tok, prompts, nrng, batch_size=2)
+    for p, g in zip(prompts, shaped, strict=True):
+        grams = _ngrams(g.tokens, 3)
         assert len(set(grams)) == len(grams), g.tokens
-        single = generate_one(
-            model, tok, prompts[shaped.index(g)], max_tokens=48, no_repeat_ngram=3
-        )
+        # Once (a, a, a) has been generated, (a, a) may not be followed by a again.
+        assert g.tokens[:4] == [a, a, a, b]
+        single = generate_one(model, tok, p, nrng)
         assert single.tokens == g.tokens  # batched and single-stream agree, state is per sequence
     with pytest.raises(ValueError, match=">= 2"):
         no_repeat_ngram_processor(1)
@@ -264,12 +304,15 @@ def test_line_breaks_are_exempt_from_no_repeat_ngram(tiny):
 
 
 def test_repetition_penalty_changes_greedy_output(tiny):
-    model, tok = tiny
-    prompts = [chat_prompt(tok, build_messages("hello world"))]
-    free = generate_batch(model, tok, prompts, max_tokens=32)
-    penalized = generate_batch(model, tok, prompts, max_tokens=32, repetition_penalty=1.5)
-    assert penalized[0].tokens != free[0].tokens
-    assert len(set(penalized[0].tokens)) >= len(set(free[0].tokens))
+    _, tok = tiny
+    a, b = _ranked_words(tok, 2)
+    # Penalty 1.5 divides a's logit once a is in the context: 3.0 / 1.5 < 2.5, so b comes next.
+    model = _fixed_model(tiny, {a: 3.0, b: 2.5})
+    prompts = [_raw(tok, "hello world")]
+    free = generate_batch(model, tok, prompts, Decoding(max_tokens=4))
+    penalized = generate_batch(model, tok, prompts, Decoding(max_tokens=4, repetition_penalty=1.5))
+    assert free[0].tokens == [a] * 4
+    assert penalized[0].tokens[:2] == [a, b]
 
 
 @pytest.mark.parametrize("path", ["batch", "shared_prefix", "single"])
@@ -282,9 +325,10 @@ def test_stop_strings_end_the_text_before_their_first_occurrence(tiny, tiny_dir,
     prompts = [scaffold + _raw(tok, t) for t in ["hello world", "lazy dog", "forty-two"]]
 
     def run(stop=()):
+        decoding = Decoding(max_tokens=24, stop=stop)
         if path == "single":
-            return [generate_one(model, tok, p, max_tokens=24, stop=stop) for p in prompts]
-        return list(generate_batch(model, tok, prompts, max_tokens=24, batch_size=2, stop=stop))
+            return [generate_one(model, tok, p, decoding) for p in prompts]
+        return list(generate_batch(model, tok, prompts, decoding, batch_size=2))
 
     assert use_shared_prefix(model, prompts, 64) == (path == "shared_prefix")
     free = run()

@@ -4,6 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from distiller.decoding import Decoding
 from distiller.generate import generate_batch, shared_prefix_length
 
 
@@ -27,10 +28,9 @@ def test_prefix_cache_changes_nothing_but_the_work(tiny_model_dir):
     model, tokenizer = load_model(str(tiny_model_dir))
     scaffold = list(range(100, 180))  # an 80-token shared "system prompt + few-shot"
     prompts = [[*scaffold, 200 + i, 300 + i, 400] for i in range(5)]
-    cached = generate_batch(model, tokenizer, prompts, max_tokens=12, batch_size=3)
-    plain = generate_batch(
-        model, tokenizer, prompts, max_tokens=12, batch_size=3, min_shared_prefix=10**9
-    )
+    twelve = Decoding(max_tokens=12)
+    cached = generate_batch(model, tokenizer, prompts, twelve, batch_size=3)
+    plain = generate_batch(model, tokenizer, prompts, twelve, batch_size=3, min_shared_prefix=10**9)
     assert [g.tokens for g in cached] == [g.tokens for g in plain]
     assert cached.stats.cached_prompt_tokens == 80 * 4
     assert plain.stats.cached_prompt_tokens == 0
@@ -70,7 +70,7 @@ def test_shared_prefix_decoding_matches_plain_generation(tiny, monkeypatch, fast
     model, tokenizer = tiny
     prompts = _uneven_prompts()
     assert use_shared_prefix(model, prompts, 64) == (fast_ops == "1")
-    kwargs = dict(max_tokens=10, batch_size=4, no_repeat_ngram=3)
+    kwargs = dict(decoding=Decoding(max_tokens=10, no_repeat_ngram=3), batch_size=4)
     first = generate_batch(model, tokenizer, prompts, min_shared_prefix=10**9, **kwargs)
     # End some sequences early: make tokens they produce mid-way end-of-sequence tokens.
     eos = {first[1].tokens[3], first[4].tokens[6]}
@@ -91,10 +91,10 @@ def test_shared_prefix_sampling_is_seeded(tiny):
     rounding (measured: 3e-6), so only greedy outputs are comparable across paths."""
     model, tokenizer = tiny
     prompts = _uneven_prompts()
-    kwargs = dict(max_tokens=8, batch_size=4, temperature=0.9, no_repeat_ngram=3)
-    once = generate_batch(model, tokenizer, prompts, seed=5, **kwargs)
-    again = generate_batch(model, tokenizer, prompts, seed=5, **kwargs)
-    other = generate_batch(model, tokenizer, prompts, seed=6, **kwargs)
+    sampled = Decoding(max_tokens=8, temperature=0.9, no_repeat_ngram=3)
+    once = generate_batch(model, tokenizer, prompts, sampled.replace(seed=5), batch_size=4)
+    again = generate_batch(model, tokenizer, prompts, sampled.replace(seed=5), batch_size=4)
+    other = generate_batch(model, tokenizer, prompts, sampled.replace(seed=6), batch_size=4)
     assert [g.tokens for g in once] == [g.tokens for g in again]
     assert [g.tokens for g in once] != [g.tokens for g in other]
     assert len({tuple(g.tokens) for g in once}) == len(prompts)  # per-sequence seeds

@@ -8,21 +8,21 @@ so a batch never loses the answers that did arrive; the caller decides what an e
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from distiller.decoding import GREEDY, Decoding
+
+if TYPE_CHECKING:
+    from distiller.spec import TeacherSpec
 
 
 @dataclass(frozen=True)
 class CompletionRequest:
-    """One chat completion to make. ``seed`` makes sampling reproducible where supported."""
+    """One chat completion to make, decoded as ``decoding`` says. Its ``seed`` is this
+    request's own (used as it is), so sampling is reproducible where the backend supports it."""
 
     messages: list[dict]
-    max_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    no_repeat_ngram: int = 0  # local backends only (no chat-API equivalent)
-    repetition_penalty: float | None = None
-    stop: tuple[str, ...] = ()  # end the completion at any of these strings
+    decoding: Decoding = GREEDY
 
 
 @dataclass
@@ -59,28 +59,19 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-def make_backend(teacher_spec: Any) -> Backend:
+def make_backend(teacher: TeacherSpec) -> Backend:
     """The backend a spec's ``teacher`` section asks for: ``endpoint`` (HTTP) or ``model`` (local)."""
-    endpoint = getattr(teacher_spec, "endpoint", None)
-    if endpoint is not None:
+    if teacher.endpoint is not None:
         from distiller.backends.openai_compat import OpenAICompatBackend
 
-        return OpenAICompatBackend(
-            url=endpoint.url,
-            model=endpoint.model,
-            api_key_env=getattr(endpoint, "api_key_env", None),
-            timeout_s=getattr(endpoint, "timeout_s", 60.0),
-            max_concurrency=getattr(endpoint, "max_concurrency", 4),
-            max_retries=getattr(endpoint, "max_retries", 5),
-        )
-    model = getattr(teacher_spec, "model", None)
-    if not model:
+        return OpenAICompatBackend.from_endpoint(teacher.endpoint)
+    if not teacher.model:
         from distiller.errors import UserError
 
         raise UserError("teacher: set either 'model' (a local model) or 'endpoint' (a server)")
     from distiller.backends.local import LocalBackend
 
-    return LocalBackend(model, batch_size=getattr(teacher_spec, "batch_size", 16) or 16)
+    return LocalBackend(teacher.model, batch_size=teacher.batch_size)
 
 
 __all__ = [

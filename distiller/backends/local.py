@@ -3,9 +3,12 @@ in batches by ``distiller.generate.generate_batch``."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
+from typing import Any
 
 from distiller.backends import Completion, CompletionRequest
+from distiller.decoding import Decoding
 
 
 class LocalBackend:
@@ -22,11 +25,11 @@ class LocalBackend:
         self._loaded = loaded
         self.stats = None  # GenerationStats summed over all calls
 
-    def _model(self):
+    def _model(self) -> tuple[Any, Any]:
         if self._loaded is None:
-            from distiller.generate import _load
+            from distiller.models import load_model
 
-            self._loaded = _load(self.model_name)
+            self._loaded = load_model(self.model_name)
         return self._loaded
 
     def fingerprint(self) -> dict:
@@ -37,42 +40,27 @@ class LocalBackend:
 
         model, tokenizer = self._model()
         out: list[Completion | None] = [None] * len(requests)
-        # generate_batch takes one decoding setting per call: group requests that share one.
-        groups: dict[tuple, list[tuple[int, list[int]]]] = defaultdict(list)
+        # generate_batch decodes one way per call: group the requests that differ only in seed.
+        groups: dict[tuple[Decoding, bool], list[tuple[int, list[int]]]] = defaultdict(list)
         for i, req in enumerate(requests):
             try:
                 prompt = chat_prompt(tokenizer, req.messages)
             except Exception as exc:  # a malformed conversation fails only its own request
                 out[i] = Completion(finish_reason="error", error=f"chat template: {exc}")
                 continue
-            key = (
-                req.max_tokens,
-                req.temperature,
-                req.top_p,
-                req.seed is None,
-                req.no_repeat_ngram,
-                req.repetition_penalty,
-                tuple(req.stop),
-            )
+            key = (dataclasses.replace(req.decoding, seed=None), req.decoding.seed is None)
             groups[key].append((i, prompt))
         if self.stats is None:
             self.stats = GenerationStats()
-        for key, items in groups.items():
-            max_tokens, temperature, top_p, unseeded, nrng, penalty, stop = key
+        for (decoding, unseeded), items in groups.items():
             idx = [i for i, _ in items]
-            seeds = None if unseeded else [requests[i].seed for i in idx]
             gens = generate_batch(
                 model,
                 tokenizer,
                 [p for _, p in items],
-                max_tokens=max_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                seed=seeds,
+                decoding,
+                seeds=None if unseeded else [requests[i].decoding.seed for i in idx],
                 batch_size=self.batch_size,
-                no_repeat_ngram=nrng,
-                repetition_penalty=penalty,
-                stop=stop,
             )
             self.stats += gens.stats
             for i, g in zip(idx, gens, strict=True):

@@ -17,11 +17,13 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from typing import Any
 
 import httpx
 
 from distiller.backends import BackendError, Completion, CompletionRequest
 from distiller.errors import UserError
+from distiller.spec import EndpointSpec
 
 RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 FATAL_STATUS = frozenset({401, 403, 404})  # no request will succeed: stop the run
@@ -67,9 +69,9 @@ class OpenAICompatBackend:
         url: str,
         model: str,
         api_key_env: str | None = None,
-        timeout_s: float = 60.0,
-        max_concurrency: int = 4,
-        max_retries: int = 5,
+        timeout_s: float = EndpointSpec.timeout_s,
+        max_concurrency: int = EndpointSpec.max_concurrency,
+        max_retries: int = EndpointSpec.max_retries,
         backoff_base_s: float = 0.5,
         backoff_max_s: float = 30.0,
         max_retry_after_s: float = 300.0,
@@ -125,25 +127,40 @@ class OpenAICompatBackend:
 
     # -- requests --------------------------------------------------------------------------
 
+    @classmethod
+    def from_endpoint(cls, endpoint: EndpointSpec, **kwargs: Any) -> OpenAICompatBackend:
+        """The backend for a spec's ``teacher.endpoint`` (the spec holds the one set of
+        defaults); ``kwargs`` set the retry pacing (tests)."""
+        return cls(
+            url=endpoint.url,
+            model=endpoint.model,
+            api_key_env=endpoint.api_key_env,
+            timeout_s=endpoint.timeout_s,
+            max_concurrency=endpoint.max_concurrency,
+            max_retries=endpoint.max_retries,
+            **kwargs,
+        )
+
     def _payload(self, req: CompletionRequest) -> dict:
+        d = req.decoding
         body = {
             "model": self.model,
             "messages": req.messages,
-            "max_tokens": req.max_tokens,
-            "temperature": req.temperature,
-            "top_p": req.top_p,
+            "max_tokens": d.max_tokens,
+            "temperature": d.temperature,
+            "top_p": d.top_p,
             "stream": False,
         }
-        if req.seed is not None:
-            body["seed"] = req.seed
-        if req.stop:
-            body["stop"] = list(req.stop)
-        if req.no_repeat_ngram:
+        if d.seed is not None:
+            body["seed"] = d.seed
+        if d.stop:
+            body["stop"] = list(d.stop)
+        if d.no_repeat_ngram:
             # Refused at spec load; a caller building requests by hand gets told, not ignored.
             raise BackendError("no_repeat_ngram has no OpenAI chat API equivalent")
-        if req.repetition_penalty is not None:
+        if d.repetition_penalty is not None:
             # Not in OpenAI's API, but vLLM, mlx_lm.server and others accept it as an extension.
-            body["repetition_penalty"] = req.repetition_penalty
+            body["repetition_penalty"] = d.repetition_penalty
         return body
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["load_model", "resolve_model"]
+__all__ = ["disk_size_mb", "load_model", "model_dir", "model_fingerprint", "resolve_model"]
 
 
 def __getattr__(name: str) -> Any:

@@ -1,4 +1,5 @@
-"""Resolve a model name or path to a local MLX model dir, and load it for compute."""
+"""The one model loader: a model reference (registry name, cached import, directory or hub id)
+resolved to a local MLX model directory, loaded for compute, and identified for cache keys."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import mlx.nn as nn
 from distiller import fast_ops
 from distiller.device import compute_dtype
 from distiller.errors import UserError
+from distiller.hashing import stable_hash
 from distiller.models import registry
 
 
-def resolve_model(name_or_path: str, pull: bool = True) -> Path:
+def resolve_model(name_or_path: str | Path, pull: bool = True) -> Path:
     """A local MLX/HF-format model dir for a registry name, a cached import, a path or a hub id.
 
     Registry names are pulled into the cache when missing (``pull=True``); a hub id is handed
@@ -22,7 +24,7 @@ def resolve_model(name_or_path: str, pull: bool = True) -> Path:
     """
     text = str(name_or_path)
     if text in registry.REGISTRY:
-        path = registry.model_dir(text)
+        path = registry.cache_path(text)
         if registry.is_complete(path):
             return path
         if not pull:
@@ -56,6 +58,41 @@ def resolve_model(name_or_path: str, pull: bool = True) -> Path:
         ) from exc
 
 
+def model_dir(name_or_path: str | Path, pull: bool = False) -> Path | None:
+    """The local directory behind a model reference, or None when there is none (not a model
+    directory, a hub id that cannot be fetched; a registry model not pulled unless ``pull``)."""
+    try:
+        return resolve_model(str(name_or_path), pull=pull)
+    except (UserError, OSError, ValueError):
+        return None
+
+
+def model_fingerprint(name_or_path: str | Path) -> dict[str, Any]:
+    """What identifies a model's weights, for cache keys: its directory, a hash of its config,
+    and its weight files' sizes and modification times (cheap; no weights are read). A registry
+    model is pulled first, so its key is the same before and after the first pull."""
+    path = model_dir(name_or_path, pull=True)
+    if path is None:
+        return {"ref": str(name_or_path)}
+    weights = {
+        p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(path.glob("*.safetensors"))
+    }
+    config = path / "config.json"
+    return {
+        "dir": str(path.resolve()),
+        "config": stable_hash(config.read_text()) if config.exists() else None,
+        "weights": weights,
+    }
+
+
+def disk_size_mb(name_or_path: str | Path) -> float | None:
+    """Size of the model directory's files (weights, config, tokenizer) in MB (1e6 bytes)."""
+    path = model_dir(name_or_path)
+    if path is None:
+        return None
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e6
+
+
 def _as_dtype(dtype: Any) -> mx.Dtype | None:
     if dtype is None or isinstance(dtype, mx.Dtype):
         return dtype
@@ -65,7 +102,7 @@ def _as_dtype(dtype: Any) -> mx.Dtype | None:
 
 
 def load_model(
-    name_or_path: str, adapter_path: str | None = None, dtype: Any = None
+    name_or_path: str | Path, adapter_path: str | None = None, dtype: Any = None
 ) -> tuple[nn.Module, Any]:
     """Load (model, TokenizerWrapper) with mlx-lm, float weights cast to the compute dtype.
 

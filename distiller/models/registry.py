@@ -81,7 +81,7 @@ def models_dir() -> Path:
     return cache_root() / "models"
 
 
-def model_dir(name: str) -> Path:
+def cache_path(name: str) -> Path:
     """Where model ``name`` lives in the cache (whether or not it is there)."""
     check_name(name)
     return models_dir() / name
@@ -249,7 +249,7 @@ def _convert_into_cache(
 ) -> Path:
     from distiller.models.gguf import convert_gguf
 
-    dest = model_dir(name)
+    dest = cache_path(name)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}+", dir=models_dir()))
     tmp.chmod(0o755)  # mkdtemp makes it private; the model dir is an ordinary shared dir
     try:
@@ -280,7 +280,7 @@ def pull(name: str, keep_quantized: bool = False, progress: bool = True, log: Lo
     if entry is None:
         known = ", ".join(sorted(REGISTRY))
         raise UserError(f"unknown model {name!r}; registry models: {known}")
-    dest = model_dir(name)
+    dest = cache_path(name)
     with _lock(name):
         done = manifest(dest) if is_complete(dest) else None
         if done is not None and bool(done.get("keep_quantized")) == keep_quantized:
