@@ -118,8 +118,8 @@ def judge_gemm(gemm: GemmSpeed, device: str) -> tuple[list[str], list[str]]:
     """(problems, notes) about a GEMM measurement on ``device``."""
     if device != "cpu":
         return [], []
-    # The reference BLAS runs at ~0.02-0.05x numpy: far below what a busy machine's noise does
-    # to two back-to-back measurements, so only that is a problem.
+    # The reference BLAS runs at a small fraction of numpy's speed: far below what a busy
+    # machine's noise does to two back-to-back measurements, so only that is a problem.
     if gemm.ratio < REFERENCE_BLAS_RATIO:
         return [
             f"MLX float32 GEMM reaches only {gemm.ratio:.2f}x numpy's speed; "

@@ -14,7 +14,6 @@ tokens {prompt, completion}, finish_reason, created.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -22,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from distiller.errors import UserError
+from distiller.hashing import stable_hash
 
 
 def config_hash(obj: Any) -> str:
-    """Stable short hash of a JSON-able value (sorted keys)."""
-    data = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-    return hashlib.sha256(data.encode("utf-8")).hexdigest()[:16]
+    """Short ``stable_hash`` of a JSON-able value: sample ids and teacher configs."""
+    return stable_hash(obj, 16)
 
 
 def sample_id(prompt_text: str, teacher_config: str, sample_index: int) -> str:

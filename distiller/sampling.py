@@ -5,8 +5,8 @@ logits, never on which other sequences share its batch. Nucleus (top-p) sampling
 the vocabulary: the nucleus almost always lies among the few hundred most likely tokens, so it is
 found among those (a partial sort) and the draw is made among them. A row whose nucleus might
 reach past the candidates takes the full-vocabulary path. Both give exactly the nucleus that
-``mlx_lm.sample_utils.apply_top_p`` keeps; on a CPU the full sort costs ~5 ms per row and step,
-which at a teacher's batch of 60 was most of a decode step.
+``mlx_lm.sample_utils.apply_top_p`` keeps; on a CPU a full sort of the vocabulary per row and
+step is a large share of a teacher's batched decode step.
 """
 
 from __future__ import annotations
