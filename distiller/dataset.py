@@ -31,11 +31,13 @@ import re
 import statistics
 import unicodedata
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from distiller.errors import UserError
+from distiller.spec import Prompt, SplitSpec, TaskSpec, TeacherSpec
 
 SPLITS = ("train", "valid", "test")
 NGRAM = 5
@@ -44,9 +46,9 @@ DEFAULT_THRESHOLD = 0.75
 
 @dataclass
 class Splits:
-    train: list = field(default_factory=list)
-    valid: list = field(default_factory=list)
-    test: list = field(default_factory=list)
+    train: list[Prompt] = field(default_factory=list)
+    valid: list[Prompt] = field(default_factory=list)
+    test: list[Prompt] = field(default_factory=list)
 
 
 @dataclass
@@ -77,7 +79,7 @@ def _round(x: float) -> int:
     return int(x + 0.5 + 1e-9)
 
 
-def split_prompts(prompts: list | tuple, split_spec: Any) -> Splits:
+def split_prompts(prompts: Sequence[Prompt], split_spec: SplitSpec) -> Splits:
     """Seeded, stratified train/valid/test split of prompts (see the module docstring)."""
     ids = [p.id for p in prompts]
     if len(set(ids)) != len(ids):
@@ -85,7 +87,7 @@ def split_prompts(prompts: list | tuple, split_spec: Any) -> Splits:
         raise UserError(f"prompt ids must be unique; {dup!r} appears more than once")
     total = split_spec.train + split_spec.valid + split_spec.test
     f_test, f_valid = split_spec.test / total, split_spec.valid / total
-    strata: dict[Any, list] = {}
+    strata: dict[str | None, list[Prompt]] = {}
     for p in prompts:
         key = p.label if split_spec.stratify_by == "label" else None
         strata.setdefault(key, []).append(p)
@@ -134,7 +136,9 @@ def jaccard(a: frozenset, b: frozenset) -> float:
 
 
 def find_leaks(
-    splits: Splits, threshold: float = DEFAULT_THRESHOLD, all_prompts=None
+    splits: Splits,
+    threshold: float = DEFAULT_THRESHOLD,
+    all_prompts: Sequence[Prompt] | None = None,
 ) -> list[Leak]:
     """Train/valid prompts that duplicate or nearly duplicate a test prompt."""
     everything = (
@@ -205,19 +209,22 @@ def resolve_leaks(
 # ---------------------------------------------------------------------------------- rows
 
 
-def _user_messages(prompt: Any, record: dict | None, style: str) -> list[dict]:
+def _user_messages(prompt: Prompt, record: dict | None, style: str) -> list[dict]:
     """The student's view of a prompt: the bare text, or the teacher's full scaffold."""
     if style == "scaffold" and record is not None and record.get("messages"):
         return [dict(m) for m in record["messages"]]
     return [{"role": "user", "content": prompt.text}]
 
 
-def _scaffold_messages(prompt: Any, teacher: Any) -> list[dict]:
+def _scaffold_messages(prompt: Prompt, teacher: TeacherSpec) -> list[dict]:
     msgs = []
-    if getattr(teacher, "system_prompt", None):
+    if teacher.system_prompt:
         msgs.append({"role": "system", "content": teacher.system_prompt})
-    for shot in getattr(teacher, "few_shot", ()) or ():
-        msgs += [{"role": "user", "content": shot[0]}, {"role": "assistant", "content": shot[1]}]
+    for shot in teacher.few_shot:
+        msgs += [
+            {"role": "user", "content": shot.user},
+            {"role": "assistant", "content": shot.assistant},
+        ]
     return [*msgs, {"role": "user", "content": prompt.text}]
 
 
@@ -276,7 +283,7 @@ def _file_hash(path: Path) -> str | None:
 
 
 def prepare_dataset(
-    spec: Any,
+    spec: TaskSpec,
     store_path: str | Path,
     out_dir: str | Path,
     *,
@@ -298,14 +305,14 @@ def prepare_dataset(
     records = [r for r in records if r.get("prompt_id") in known]
     from distiller.samples import select_kept
 
-    kept = select_kept(records, getattr(spec.teacher, "keep", "first"))
+    kept = select_kept(records, spec.teacher.keep)
     by_prompt: dict[str, list[dict]] = {}
     for r in records:
         by_prompt.setdefault(r["prompt_id"], []).append(r)
 
     splits, leaks = resolve_leaks(split_prompts(spec.prompts, spec.split), threshold, on_leak)
-    style = getattr(spec.student, "prompt_style", "bare")
-    route = getattr(spec.student, "route", "sft")
+    style = spec.student.prompt_style
+    route = spec.student.route
     out_dir.mkdir(parents=True, exist_ok=True)
 
     rows: dict[str, list[dict]] = {}
@@ -388,7 +395,17 @@ def prepare_dataset(
 
 
 def _data_card(
-    spec, store_path, records, kept, splits, rows, pairs, leaks, threshold, on_leak, tokenizer
+    spec: TaskSpec,
+    store_path: Path,
+    records: list[dict],
+    kept: dict[str, dict],
+    splits: Splits,
+    rows: dict[str, list[dict]],
+    pairs: dict[str, list[dict]],
+    leaks: list[Leak],
+    threshold: float,
+    on_leak: str,
+    tokenizer: Any,
 ) -> dict:
     tok_note = None
     if tokenizer is None:
@@ -423,14 +440,13 @@ def _data_card(
         c = Counter(p.label for p in getattr(splits, name) if p.label is not None)
         if c:
             labels[name] = dict(sorted(c.items()))
-    spec_hash = spec.fingerprint() if hasattr(spec, "fingerprint") else None
     return {
-        "task": getattr(spec, "name", None),
-        "spec_hash": spec_hash,
+        "task": spec.name,
+        "spec_hash": spec.fingerprint(),
         "samples_file": str(store_path),
         "samples_sha256": _file_hash(store_path),
         "route": spec.student.route,
-        "prompt_style": getattr(spec.student, "prompt_style", "bare"),
+        "prompt_style": spec.student.prompt_style,
         "split": {
             "train": spec.split.train,
             "valid": spec.split.valid,

@@ -16,9 +16,9 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from distiller.errors import UserError
+from distiller.spec import QuantizeSpec
 
 # Files of a model dir that are rewritten by the fuse; everything else (tokenizer, chat
 # template, generation config) is copied verbatim from the base.
@@ -56,12 +56,12 @@ def fuse(
     out_dir: str | Path,
     *,
     base_model: str | None = None,
-    quantize: Any = None,
+    quantize: QuantizeSpec | None = None,
     spec_hash: str | None = None,
 ) -> FuseResult:
     """Fuse ``adapter_dir`` (from ``distiller train``) into its base model, written to ``out_dir``.
 
-    ``quantize``: None, or anything with ``bits`` and ``group_size`` (a QuantizeSpec or dict).
+    ``quantize``: None (keep the base's dtype) or the bits and group size to quantize to.
     ``base_model`` overrides the base recorded in adapter_config.json.
     """
     import mlx.core as mx
@@ -92,8 +92,7 @@ def fuse(
 
     quant = None
     if quantize:
-        get = quantize.get if isinstance(quantize, dict) else lambda k: getattr(quantize, k)
-        quant = {"bits": int(get("bits")), "group_size": int(get("group_size"))}
+        quant = {"bits": quantize.bits, "group_size": quantize.group_size}
         model, config = quantize_model(model, config, quant["group_size"], quant["bits"])
     mx.eval(model.parameters())
 
@@ -151,7 +150,7 @@ def run_cli(args: argparse.Namespace) -> int:
         spec = load_spec(args.spec)
         spec_hash, quant = spec.fingerprint(), spec.student.quantize
     if args.bits:
-        quant = {"bits": args.bits, "group_size": args.group_size}
+        quant = QuantizeSpec(bits=args.bits, group_size=args.group_size)
     r = fuse(args.adapter, args.out, base_model=args.base, quantize=quant, spec_hash=spec_hash)
     q = f", quantized to {r.quantized['bits']} bits" if r.quantized else ""
     print(f"fused {r.fused_layers} adapter layers into {r.base_model}{q}: {r.out_dir}")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from distiller.models import model_fingerprint
-from distiller.spec import TaskSpec, load_spec, stable_hash
+from distiller.spec import Prompt, TaskSpec, load_spec, stable_hash
 
 STAGE_FILE = "stage.json"
 
@@ -257,7 +257,9 @@ def compare(
     return results, latency
 
 
-def _latency(path: Path, spec: TaskSpec, who: Contender, prompts: list, loaded, n: int) -> dict:
+def _latency(
+    path: Path, spec: TaskSpec, who: Contender, prompts: list[Prompt], loaded: tuple, n: int
+) -> dict:
     """Single-stream latency on the first `n` prompts, cached beside the evaluation it goes with."""
     from distiller.evaluate import measure_latency, render_messages
     from distiller.generate import chat_prompt

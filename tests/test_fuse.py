@@ -11,6 +11,7 @@ from mlx_lm import load
 
 from distiller.errors import UserError
 from distiller.fuse import adapter_hash, fuse
+from distiller.spec import QuantizeSpec
 from distiller.train import lora as LR
 from distiller.train.trainer import make_train_step, sft_loss
 
@@ -51,7 +52,7 @@ def test_fused_logits_match_base_plus_adapter(tmp_path, tiny_model_dir):
 
 def test_fuse_and_quantize(tmp_path, tiny_model_dir):
     adapter, inputs = _adapter(tmp_path, tiny_model_dir)
-    fuse(adapter, tmp_path / "q", quantize={"bits": 8, "group_size": 32})
+    fuse(adapter, tmp_path / "q", quantize=QuantizeSpec(bits=8, group_size=32))
     cfg = json.loads((tmp_path / "q" / "config.json").read_text())
     assert cfg["quantization"]["bits"] == 8 and cfg["quantization"]["group_size"] == 32
     qmodel, _ = load(str(tmp_path / "q"))
