@@ -10,7 +10,7 @@ problem raises ``distiller.errors.SpecError`` naming the file, the dotted key
     teacher: {model: smollm2-135m-instruct}
     validators: [{type: regex, must_match: ["^ANSWER:"]}]
 
-Everything else has a default; see the dataclasses below for each section's keys.
+Everything else has a default; see the dataclasses in ``schema.py`` for each section's keys.
 
 Prompts (``prompts:``, each of ``eval.prompt_sets``, and ``eval.dev``) are a file path, an
 inline list, or a mapping ``{file | items, template, field, vary}``. Entries are strings or
