@@ -8,14 +8,25 @@ Rates and intervals
     which is exactly where eval sets of 20-50 prompts live.
 
 Regression against a baseline
-    ``regression_test(k_base, n_base, k_new, n_new, alpha)`` asks: is the new rate lower than
-    the baseline rate by more than the two sample sizes can explain? Both rates are noisy
-    measurements, so we bound their DIFFERENCE with Newcombe's hybrid score interval (method
-    10 of Newcombe 1998, built from the two Wilson intervals) at one-sided level ``alpha``.
-    A regression is flagged when the lower bound of (baseline - new) exceeds ``margin``
-    (default 0): the drop is significant. Properties (property-tested in tests/test_metrics.py):
-    equal rates are never flagged; the verdict only gets "more flagged" as baseline successes
-    rise or new successes fall; large drops are flagged once n is adequate.
+    Two tests ask whether a pass rate is lower than the baseline's by more than sampling noise
+    explains, both at one-sided level ``alpha``:
+
+    - ``paired_regression_test(baseline, new, alpha)`` when both sides scored the SAME prompts
+      (``{prompt id: passed}`` on each side). Only prompts whose verdict changed carry evidence:
+      under "no change" a changed prompt is as likely to go pass->fail as fail->pass, so
+      McNemar's exact test (``mcnemar_exact``) asks whether the pass->fail flips are
+      significantly more than half of the flips: a one-sided binomial tail. Prompts that pass
+      (or fail) on both sides cancel out, so it detects smaller drops than the unpaired test
+      at the same false-alarm rate.
+    - ``regression_test(k_base, n_base, k_new, n_new, alpha)`` when the prompt sets differ (or
+      the baseline kept only counts). Both rates are independent noisy measurements, so it
+      bounds their DIFFERENCE with Newcombe's hybrid score interval (method 10 of Newcombe
+      1998, built from the two Wilson intervals) and flags when the lower bound of
+      (baseline - new) exceeds ``margin`` (default 0).
+
+    Properties (property-tested in tests/test_metrics.py): equal rates / no flips are never
+    flagged; the verdict only gets "more flagged" as evidence of a drop grows; the exact test
+    never flags more often than ``alpha`` when nothing changed.
 
 Thresholds
     A spec threshold (``format_rate: 0.9``) is a product requirement, not a measurement, so
@@ -35,7 +46,7 @@ import math
 import re
 import string
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from statistics import NormalDist
 from typing import Any
@@ -43,6 +54,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "PairedRegression",
     "Rate",
     "Regression",
     "accuracy",
@@ -53,9 +65,11 @@ __all__ = [
     "format_compliance",
     "json_validity",
     "macro_f1",
+    "mcnemar_exact",
     "meets_threshold",
     "newcombe_interval",
     "normalize_answer",
+    "paired_regression_test",
     "rate",
     "regression_test",
     "token_f1",
@@ -202,6 +216,87 @@ def regression_test(
     regressed = n_base > 0 and n_new > 0 and lower > margin
     return Regression(
         regressed, rate(k_base, n_base, conf), rate(k_new, n_new, conf), lower, upper, alpha, margin
+    )
+
+
+def mcnemar_exact(pass_to_fail: int, fail_to_pass: int) -> float:
+    """One-sided p-value of McNemar's exact test for a drop: P(X >= pass_to_fail) with
+    X ~ Binomial(pass_to_fail + fail_to_pass, 1/2).
+
+    Under "nothing changed" each prompt whose verdict flipped is equally likely to have flipped
+    either way; the p-value is the chance of at least this many pass->fail flips among them.
+    No flips at all: 1.0 (no evidence).
+    """
+    if pass_to_fail < 0 or fail_to_pass < 0:
+        raise ValueError(f"need counts >= 0, got {pass_to_fail}, {fail_to_pass}")
+    flips = pass_to_fail + fail_to_pass
+    tail = sum(math.comb(flips, i) for i in range(pass_to_fail, flips + 1))
+    return tail / 2**flips  # exact integers until this one (correctly rounded) division
+
+
+@dataclass(frozen=True)
+class PairedRegression:
+    """Outcome of ``paired_regression_test``: the prompts whose verdict flipped, each way."""
+
+    regressed: bool
+    baseline: Rate
+    new: Rate
+    pass_to_fail: tuple[str, ...]  # prompt ids: passed in the baseline, fail now
+    fail_to_pass: tuple[str, ...]
+    p_value: float
+    alpha: float
+
+    def explain(self, show: int = 5) -> str:
+        verdict = "significant drop" if self.regressed else "no significant drop"
+        ids = ", ".join(self.pass_to_fail[:show])
+        more = f" (+{len(self.pass_to_fail) - show} more)" if len(self.pass_to_fail) > show else ""
+        went = f"; pass->fail: {ids}{more}" if self.pass_to_fail else ""
+        return (
+            f"{verdict}: new {self.new} vs baseline {self.baseline} on the same "
+            f"{self.new.n} prompts; {len(self.pass_to_fail)} went pass->fail, "
+            f"{len(self.fail_to_pass)} fail->pass (McNemar exact, one-sided "
+            f"p={self.p_value:.4g}, alpha={self.alpha:g}){went}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "regressed": self.regressed,
+            "baseline": self.baseline.to_dict(),
+            "new": self.new.to_dict(),
+            "pass_to_fail": list(self.pass_to_fail),
+            "fail_to_pass": list(self.fail_to_pass),
+            "p_value": self.p_value,
+            "alpha": self.alpha,
+        }
+
+
+def paired_regression_test(
+    baseline: Mapping[str, bool], new: Mapping[str, bool], alpha: float = 0.05
+) -> PairedRegression:
+    """Has the pass rate dropped on the same prompts? ``baseline`` and ``new`` map each prompt
+    id to whether it passed; they must hold the same ids. Flags when McNemar's exact one-sided
+    p-value is at most ``alpha``."""
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    if set(baseline) != set(new):
+        only_base, only_new = len(set(baseline) - set(new)), len(set(new) - set(baseline))
+        raise ValueError(
+            f"paired test needs the same prompts: {only_base} ids only in the baseline, "
+            f"{only_new} only in the new run"
+        )
+    ids = list(baseline)
+    worse = tuple(i for i in ids if baseline[i] and not new[i])
+    better = tuple(i for i in ids if new[i] and not baseline[i])
+    p = mcnemar_exact(len(worse), len(better))
+    conf = 1 - alpha
+    return PairedRegression(
+        regressed=p <= alpha,
+        baseline=rate(sum(map(bool, baseline.values())), len(ids), conf),
+        new=rate(sum(map(bool, new.values())), len(ids), conf),
+        pass_to_fail=worse,
+        fail_to_pass=better,
+        p_value=p,
+        alpha=alpha,
     )
 
 

@@ -1,4 +1,5 @@
-"""Metrics: Wilson/Newcombe intervals, the regression test, format compliance, task metrics."""
+"""Metrics: Wilson/Newcombe intervals, the paired and unpaired regression tests, format
+compliance, task metrics."""
 
 from __future__ import annotations
 
@@ -133,6 +134,108 @@ def test_regression_alpha_orders_verdicts():
         strict = M.regression_test(kb, nb, kn, nn, alpha=0.01).regressed
         loose = M.regression_test(kb, nb, kn, nn, alpha=0.2).regressed
         assert loose or not strict
+
+
+# -- paired regression test (McNemar exact) ----------------------------------------------------
+
+flips = st.integers(0, 300)
+
+
+def test_mcnemar_known_values():
+    # Hand-computed binomial tails, X ~ Binomial(b + c, 1/2), p = P(X >= b):
+    # b=5, c=0: 1/32; b=6, c=1: (C(7,6) + C(7,7)) / 2^7 = 8/128; b=8, c=2: (45 + 10 + 1) / 1024.
+    assert M.mcnemar_exact(5, 0) == 1 / 32
+    assert M.mcnemar_exact(6, 1) == 8 / 128
+    assert M.mcnemar_exact(8, 2) == 56 / 1024
+    assert M.mcnemar_exact(0, 4) == 1.0  # no pass->fail flip: "at least 0" is certain
+    assert M.mcnemar_exact(0, 0) == 1.0
+    with pytest.raises(ValueError):
+        M.mcnemar_exact(-1, 2)
+
+
+@given(flips, flips)
+def test_mcnemar_p_value_in_unit_interval_and_symmetric(b, c):
+    p = M.mcnemar_exact(b, c)
+    assert 0.0 < p <= 1.0
+    # Swapping the roles of baseline and new swaps the flips: P(X >= b) + P(X >= c) counts
+    # every outcome once, and X == b (= m - c) twice.
+    m = b + c
+    assert p + M.mcnemar_exact(c, b) == pytest.approx(1 + math.comb(m, b) / 2**m, rel=1e-12)
+    if b == c:
+        assert p >= 0.5  # as many flips each way is never evidence of a drop
+
+
+@given(flips, flips)
+def test_mcnemar_monotone_in_flips(b, c):
+    p = M.mcnemar_exact(b, c)
+    assert M.mcnemar_exact(b + 1, c) <= p  # one more pass->fail: stronger evidence of a drop
+    assert M.mcnemar_exact(b, c + 1) >= p  # one more fail->pass: weaker
+
+
+@given(st.integers(0, 120), st.floats(0.001, 0.5))
+def test_mcnemar_false_alarm_rate_at_most_alpha(m, alpha):
+    # With m flips and no real change, b ~ Binomial(m, 1/2); the exact test's chance of
+    # flagging is the probability of the b it flags, which must not exceed alpha.
+    flagged = sum(math.comb(m, b) for b in range(m + 1) if M.mcnemar_exact(b, m - b) <= alpha)
+    assert flagged / 2**m <= alpha
+
+
+@st.composite
+def paired_verdicts(draw, max_n: int = 60):
+    n = draw(st.integers(0, max_n))
+    ids = [f"p{i}" for i in range(n)]
+    base = {i: draw(st.booleans()) for i in ids}
+    new = {i: draw(st.booleans()) for i in ids}
+    return base, new
+
+
+@given(paired_verdicts(), st.floats(0.001, 0.5))
+def test_paired_no_flips_is_never_a_regression(verdicts, alpha):
+    base, _ = verdicts
+    r = M.paired_regression_test(base, dict(base), alpha)
+    assert not r.regressed and r.p_value == 1.0 and not r.pass_to_fail
+
+
+@given(paired_verdicts(), st.data())
+@settings(max_examples=200)
+def test_paired_counts_and_monotone_in_pass_to_fail(verdicts, data):
+    base, new = verdicts
+    r = M.paired_regression_test(base, new)
+    # An independent recount of the flips and of both rates.
+    assert len(r.pass_to_fail) == sum(base[i] and not new[i] for i in base)
+    assert len(r.fail_to_pass) == sum(new[i] and not base[i] for i in base)
+    assert (r.baseline.k, r.new.k) == (sum(base.values()), sum(new.values()))
+    assert r.p_value == M.mcnemar_exact(len(r.pass_to_fail), len(r.fail_to_pass))
+    # Turning one more baseline pass into a failure now can only make a drop more flagged.
+    still_passing = [i for i in base if base[i] and new[i]]
+    if still_passing:
+        worse = {**new, data.draw(st.sampled_from(still_passing)): False}
+        w = M.paired_regression_test(base, worse)
+        assert w.p_value <= r.p_value and (w.regressed or not r.regressed)
+    # Swapping roles swaps the flips.
+    s = M.paired_regression_test(new, base)
+    assert (set(s.pass_to_fail), set(s.fail_to_pass)) == (set(r.fail_to_pass), set(r.pass_to_fail))
+
+
+def test_paired_test_catches_a_drop_the_unpaired_test_misses():
+    # 20 prompts; half passed in the baseline; 5 of those fail now, none got better.
+    base = {f"p{i}": i < 10 for i in range(20)}
+    new = {f"p{i}": i < 5 for i in range(20)}
+    paired = M.paired_regression_test(base, new, alpha=0.05)
+    assert paired.regressed and paired.p_value == 1 / 32
+    assert paired.pass_to_fail == ("p5", "p6", "p7", "p8", "p9") and not paired.fail_to_pass
+    text = paired.explain()
+    assert "significant drop" in text and "5 went pass->fail, 0 fail->pass" in text
+    assert "McNemar" in text and "p5" in text
+    # The same counts as independent samples (10/20 -> 5/20) are within Newcombe's noise.
+    assert not M.regression_test(10, 20, 5, 20, alpha=0.05).regressed
+
+
+def test_paired_test_rejects_different_prompts_and_bad_alpha():
+    with pytest.raises(ValueError, match="same prompts: 1 ids only in the baseline, 1 only"):
+        M.paired_regression_test({"a": True, "b": True}, {"a": True, "c": False})
+    with pytest.raises(ValueError):
+        M.paired_regression_test({"a": True}, {"a": False}, alpha=1.0)
 
 
 # -- format compliance -------------------------------------------------------------------------
