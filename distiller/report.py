@@ -1,31 +1,38 @@
 """Reports: the teacher-vs-student table, side-by-side samples, latest/history files, baseline.
 
 Inputs are ``distiller.evaluate.EvalResult`` objects (one model on one prompt set) and,
-optionally, single-stream latency figures per model name. Tables are pandas DataFrames rendered
-as Markdown with tabulate. Files written by ``write_reports``:
+optionally, single-stream latency figures per (task, model). Tables are pandas DataFrames
+rendered as Markdown with tabulate. Files written by ``write_reports`` into a directory the
+caller names (the pytest harness: ``.distiller/reports/``, git-ignored; ``distiller run``: the
+run directory's ``report/``), never into the tracked tree:
 
-- ``reports/latest.md``      the tables and samples, for humans (CI artifacts, PR comments);
-- ``reports/latest.json``    the same figures, for machines;
-- ``reports/history.jsonl``  one line per run appended, to watch trends.
+- ``latest.md``      the tables and samples, for humans (CI artifacts, PR comments);
+- ``latest.json``    the same figures, for machines;
+- ``history.jsonl``  one line per run appended, to watch trends.
 
-The baseline (``reports/baseline.json``) holds, per ``task/prompt_set/model`` entry, the counts
-behind each rate (so the gate can run a proper two-sample test) and the other figures. It is
-read for gating and rewritten only on request (``--distiller-update-baseline``).
+The baseline (``reports/baseline.json``, committed) holds, per ``task/prompt_set/model`` entry,
+the counts behind each rate and, since version 2, each prompt's verdict per figure
+(``by_prompt``: prompt id -> passed) so the gate can pair the baseline's prompts with the run's
+(McNemar's exact test) instead of treating the two rates as independent. Version-1 files load
+as they are: their entries carry counts only and are gated unpaired. The baseline is read for
+gating and rewritten only on request (``--distiller-update-baseline``).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from distiller.files import atomic_write
 from distiller.metrics import Rate
 
-BASELINE_VERSION = 1
+# 2: rates carry ``by_prompt`` verdicts (paired gating). 1: counts only.
+BASELINE_VERSION = 2
+RATE_FIELDS = ("k", "n", "lo", "hi", "value")
 # Task metrics in order of preference for the table's single "task metric" column.
 TASK_METRICS = ("accuracy", "field_accuracy", "token_f1", "exact_match", "macro_f1")
 
@@ -56,6 +63,24 @@ def _num(x: Any, digits: int = 1) -> Any:
 # Summaries
 
 
+def prompt_verdicts(
+    records: Sequence[dict[str, Any]], section: str | None = None
+) -> dict[str, bool]:
+    """``{prompt id: passed}`` of an evaluation's records: the whole format check, or with
+    ``section`` whether that section was satisfied (absent counts as not, as in the rates)."""
+    if section is None:
+        return {r["id"]: bool(r["passed"]) for r in records}
+    return {r["id"]: bool((r.get("sections") or {}).get(section)) for r in records}
+
+
+def _rate_entry(rate: dict[str, Any], verdicts: dict[str, bool]) -> dict[str, Any]:
+    entry = {k: rate[k] for k in RATE_FIELDS}
+    # Paired gating needs one verdict per prompt; with repeated ids the pairing is ambiguous.
+    if len(verdicts) == rate["n"]:
+        entry["by_prompt"] = verdicts
+    return entry
+
+
 def summarize(result: Any, latency: dict[str, Any] | None = None) -> dict[str, Any]:
     """The figures of one EvalResult (plus latency) that reports and the baseline keep."""
     m = result.metrics
@@ -68,9 +93,9 @@ def summarize(result: Any, latency: dict[str, Any] | None = None) -> dict[str, A
         "model": result.model,
         "style": result.style,
         "n": m["n"],
-        "format": {k: m["format"][k] for k in ("k", "n", "lo", "hi", "value")},
+        "format": _rate_entry(m["format"], prompt_verdicts(result.records)),
         "sections": {
-            h: {k: r[k] for k in ("k", "n", "lo", "hi", "value")}
+            h: _rate_entry(r, prompt_verdicts(result.records, h))
             for h, r in m.get("sections", {}).items()
         },
         "task_metrics": task,
@@ -148,7 +173,7 @@ def frame_markdown(frame: Any) -> str:
     # deltas are text ("+0.60"): parsed as numbers they would lose their sign
     deltas = [i for i, c in enumerate(frame.columns) if str(c).startswith("Δ")]
     return tabulate(
-        frame.fillna("").to_dict("list"),
+        frame.astype(object).fillna("").to_dict("list"),  # blanks in numeric columns too
         headers="keys",
         tablefmt="github",
         disable_numparse=deltas or False,
@@ -199,23 +224,26 @@ def _git_commit(cwd: Path) -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def result_latency(
+    latency: Mapping[Any, dict[str, Any]], task: str, model: str
+) -> dict[str, Any] | None:
+    """A model's latency figures in ``latency``, keyed by ``(task, model)``; a bare model name
+    key stands for that model in every task (callers that report one task)."""
+    found = latency.get((task, model))
+    return found if found is not None else latency.get(model)
 
 
 def build_report(
     results: Sequence[Any],
-    latency: dict[str, dict[str, Any]] | None = None,
+    latency: Mapping[Any, dict[str, Any]] | None = None,
     extra: dict[str, Any] | None = None,
     reference: str = "vanilla",
     samples: int = 3,
 ) -> tuple[dict[str, Any], str]:
-    """(JSON document, Markdown text) for a set of evaluations."""
+    """(JSON document, Markdown text) for a set of evaluations; ``latency`` as in
+    ``result_latency``."""
     latency = latency or {}
-    summaries = [summarize(r, latency.get(r.model)) for r in results]
+    summaries = [summarize(r, result_latency(latency, r.task, r.model)) for r in results]
     frame = comparison_frame(summaries, reference)
     created = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     doc = {
@@ -243,11 +271,11 @@ def build_report(
     return doc, "\n".join(md)
 
 
-def write_reports(doc: dict[str, Any], markdown: str, out_dir: str | Path = "reports") -> Path:
+def write_reports(doc: dict[str, Any], markdown: str, out_dir: str | Path) -> Path:
     """Write latest.md and latest.json, append one line to history.jsonl; returns out_dir."""
     out = Path(out_dir)
-    _atomic_write(out / "latest.md", markdown)
-    _atomic_write(out / "latest.json", json.dumps(doc, indent=2, default=str) + "\n")
+    atomic_write(out / "latest.md", markdown, durable=False)
+    atomic_write(out / "latest.json", json.dumps(doc, indent=2, default=str) + "\n", durable=False)
     with open(out / "history.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps(doc, default=str, separators=(",", ":")) + "\n")
     return out
@@ -258,19 +286,41 @@ def write_reports(doc: dict[str, Any], markdown: str, out_dir: str | Path = "rep
 
 
 def load_baseline(path: str | Path) -> dict[str, dict[str, Any]]:
-    """Entries of a baseline file (``{}`` when there is none yet)."""
+    """Entries of a baseline file (``{}`` when there is none yet); version 1 and 2 files.
+
+    A file from a newer distiller, or per-prompt verdicts that disagree with their counts, is a
+    ``UserError`` naming the file and the fix.
+    """
+    from distiller.errors import UserError
+
     path = Path(path)
     if not path.exists():
         return {}
+    fix = "fix it or rewrite it with --distiller-update-baseline"
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as e:
-        from distiller.errors import UserError
-
+        raise UserError(f"{path}: not valid JSON ({e}); {fix}") from None
+    version = doc.get("version", 1)
+    if not isinstance(version, int) or not 1 <= version <= BASELINE_VERSION:
         raise UserError(
-            f"{path}: not valid JSON ({e}); fix it or rewrite it with --distiller-update-baseline"
-        ) from None
-    return dict(doc.get("entries", {}))
+            f"{path}: baseline version {version!r}; this distiller reads versions 1 to "
+            f"{BASELINE_VERSION} (a newer distiller wrote it?); {fix}"
+        )
+    entries = dict(doc.get("entries", {}))
+    for key, entry in entries.items():
+        figures = {"format": entry.get("format"), **(entry.get("sections") or {})}
+        for figure, r in figures.items():
+            by_prompt = (r or {}).get("by_prompt")
+            if by_prompt is None:
+                continue
+            if len(by_prompt) != r["n"] or sum(map(bool, by_prompt.values())) != r["k"]:
+                raise UserError(
+                    f"{path}: {key} {figure}: {len(by_prompt)} per-prompt verdicts with "
+                    f"{sum(map(bool, by_prompt.values()))} passed, but the counts say "
+                    f"{r['k']}/{r['n']}; {fix}"
+                )
+    return entries
 
 
 def update_baseline(
@@ -287,5 +337,5 @@ def update_baseline(
         "commit": _git_commit(path.resolve().parent),
         "entries": dict(sorted(entries.items())),
     }
-    _atomic_write(path, json.dumps(doc, indent=2, default=str) + "\n")
+    atomic_write(path, json.dumps(doc, indent=2, default=str) + "\n")
     return doc

@@ -112,6 +112,7 @@ def test_baseline_roundtrip_merge_and_errors(results, tmp_path):
     entries = R.load_baseline(path)
     assert len(entries) == 3
     assert entries["tiny/split:test/teacher"]["format"]["k"] == 9
+    assert json.loads(path.read_text())["version"] == R.BASELINE_VERSION == 2
     R.update_baseline(path, summaries[1:2], replace=True)
     assert list(R.load_baseline(path)) == ["tiny/split:test/vanilla"]
     path.write_text("{broken")
@@ -119,3 +120,52 @@ def test_baseline_roundtrip_merge_and_errors(results, tmp_path):
 
     with pytest.raises(UserError, match="not valid JSON"):
         R.load_baseline(path)
+
+
+def test_baseline_keeps_each_prompts_verdict_per_figure(results, tmp_path):
+    teacher = results[0]  # p0..p8 pass, p9 fails; section A follows the verdict, B always holds
+    s = R.summarize(teacher)
+    assert s["format"]["by_prompt"] == {f"p{i}": i < 9 for i in range(10)}
+    assert s["sections"]["A"]["by_prompt"] == {f"p{i}": i < 9 for i in range(10)}
+    assert s["sections"]["B"]["by_prompt"] == {f"p{i}": True for i in range(10)}
+    path = tmp_path / "baseline.json"
+    R.update_baseline(path, [s])
+    back = R.load_baseline(path)["tiny/split:test/teacher"]
+    assert back["format"]["by_prompt"] == s["format"]["by_prompt"]
+    # Repeated prompt ids cannot be paired: the counts are kept, the verdicts are not.
+    twice = make_result("teacher", [True, False])
+    for rec in twice.records:
+        rec["id"] = "same"
+    assert "by_prompt" not in R.summarize(twice)["format"]
+
+
+def test_version_1_baseline_loads_and_newer_or_inconsistent_ones_fail_clearly(tmp_path):
+    from distiller.errors import UserError
+
+    path = tmp_path / "baseline.json"
+    v1 = {"tiny/split:test/vanilla": {"n": 8, "format": {"k": 8, "n": 8}, "sections": {}}}
+    path.write_text(json.dumps({"version": 1, "entries": v1}))
+    assert R.load_baseline(path) == v1  # counts only: gated unpaired
+    path.write_text(json.dumps({"version": 3, "entries": {}}))
+    with pytest.raises(UserError, match="baseline version 3; this distiller reads versions 1 to 2"):
+        R.load_baseline(path)
+    bad = {"n": 2, "format": {"k": 2, "n": 2, "by_prompt": {"a": True, "b": False}}}
+    path.write_text(json.dumps({"version": 2, "entries": {"t/s/m": bad}}))
+    with pytest.raises(UserError, match="t/s/m format: 2 per-prompt verdicts with 1 passed"):
+        R.load_baseline(path)
+
+
+def test_latency_is_reported_per_task_and_model(results):
+    other = make_result("vanilla", [True, False])
+    other.task = "other"
+    latency = {
+        ("tiny", "vanilla"): {"ms_per_sample": 100.0, "decode_tps": 10.0},
+        ("other", "vanilla"): {"ms_per_sample": 900.0, "decode_tps": 90.0},
+        "distilled": {"ms_per_sample": 50.0, "decode_tps": 20.0},  # a bare name: every task
+    }
+    doc, _ = R.build_report([*results, other], latency)
+    entries = doc["entries"]
+    assert entries["tiny/split:test/vanilla"]["latency"]["ms_per_sample"] == 100.0
+    assert entries["other/split:test/vanilla"]["latency"]["ms_per_sample"] == 900.0
+    assert entries["tiny/split:test/distilled"]["latency"]["decode_tps"] == 20.0
+    assert "latency" not in entries["tiny/split:test/teacher"]
