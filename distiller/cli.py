@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from distiller.errors import UserError
@@ -34,6 +35,8 @@ examples:
   distiller doctor
   distiller models pull smollm2-135m-instruct
   distiller generate --model smollm2-135m-instruct --prompt "What is a quorum?"
+
+--debug (anywhere on the line, or DISTILLER_DEBUG=1) shows the traceback of an unexpected error.
 """
 
 
@@ -63,6 +66,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # --debug may stand anywhere (before or after the subcommand): shows tracebacks.
+    debug = "--debug" in argv or os.environ.get("DISTILLER_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(argv)
@@ -75,8 +81,26 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted; everything finished so far is saved.", file=sys.stderr)
         return 130
     except UserError as exc:  # bad input: one clear line, no traceback
-        print(f"distiller {args.command}: error: {exc}", file=sys.stderr)
+        print(f"distiller {args.command}: error: {_one_line(str(exc))}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `distiller ... | head`: the reader left; not an error of ours
+        return 0
+    except Exception as exc:
+        # The last line of defence: bad input is reported where it enters, as a UserError;
+        # anything arriving here is a gap in that, still said in one line.
+        if debug:
+            raise
+        print(
+            f"distiller {args.command}: error: {type(exc).__name__}: {_one_line(str(exc))} "
+            "(unexpected; rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _one_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return " | ".join(lines[:3]) + (" ..." if len(lines) > 3 else "")
 
 
 if __name__ == "__main__":

@@ -82,14 +82,14 @@ def test_pull_is_idempotent_and_atomic(fake_entry, home):
     assert any("already pulled" in m for m in logs)
     assert (path / "model.safetensors").stat().st_mtime_ns == stamp
     # nothing but the model dir and the lock file in models/
-    assert sorted(p.name for p in (home / "models").iterdir()) == [".tiny-test.lock", "tiny-test"]
+    assert sorted(p.name for p in (home / "models").iterdir()) == ["tiny-test"]  # no lock file
 
     # asking for the other variant replaces the dir in one rename
     registry.pull("tiny-test", keep_quantized=True, progress=False, log=logs.append)
     assert registry.manifest(path)["keep_quantized"] is True
     quantization = json.loads((path / "config.json").read_text())["quantization"]
     assert quantization["model.layers.0.self_attn.q_proj"]["bits"] == 4
-    assert sorted(p.name for p in (home / "models").iterdir()) == [".tiny-test.lock", "tiny-test"]
+    assert sorted(p.name for p in (home / "models").iterdir()) == ["tiny-test"]  # no lock file
 
 
 def test_pull_rejects_corrupt_gguf(fake_entry, home, monkeypatch):
@@ -119,7 +119,7 @@ def test_interrupted_conversion_leaves_no_model(fake_entry, home, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         registry.pull("tiny-test", progress=False, log=lambda m: None)
     assert not (home / "models" / "tiny-test").exists()
-    assert [p.name for p in (home / "models").iterdir()] == [".tiny-test.lock"]
+    assert [p.name for p in (home / "models").iterdir()] == []  # no half model, no lock file
 
 
 KILL_SCRIPT = """

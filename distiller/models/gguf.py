@@ -81,10 +81,22 @@ def open_gguf(path: str | Path):
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such GGUF file")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise UserError(f"{path}: not a GGUF file (it does not start with the bytes 'GGUF')")
     try:
-        return gguf.GGUFReader(str(path))
-    except Exception as exc:  # the gguf package raises ValueError/struct errors on bad files
-        raise UserError(f"{path}: not a readable GGUF file ({exc})") from exc
+        reader = gguf.GGUFReader(str(path))
+    except Exception as exc:  # numpy/struct errors from reading past the end of the file
+        raise UserError(
+            f"{path}: truncated or damaged GGUF file ({size} bytes): "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from None
+    end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    if end > size:
+        raise UserError(f"{path}: truncated: its tensors end at byte {end}, the file has {size}")
+    return reader
 
 
 def _value(fields, key: str, default: Any = None) -> Any:

@@ -14,6 +14,7 @@ from distiller.device import compute_dtype
 from distiller.errors import UserError
 from distiller.hashing import stable_hash
 from distiller.models import registry
+from distiller.models.check import check_adapter_dir, check_model_dir
 
 
 def resolve_model(name_or_path: str | Path, pull: bool = True) -> Path:
@@ -39,8 +40,7 @@ def resolve_model(name_or_path: str | Path, pull: bool = True) -> Path:
             raise UserError(
                 f"{path}: a GGUF file; convert it first: distiller models import {path}"
             )
-        if not (path / "config.json").is_file():
-            raise UserError(f"{path}: not a model dir (no config.json)")
+        check_model_dir(path)
         return path
     if "/" not in text or text.startswith((".", "/", "~")):
         known = ", ".join(sorted({*registry.REGISTRY, *cached}))
@@ -113,7 +113,15 @@ def load_model(
 
     target = _as_dtype(dtype)
     path = resolve_model(name_or_path)
-    model, tokenizer, config = load(str(path), adapter_path=adapter_path, return_config=True)
+    check_model_dir(path)
+    if adapter_path is not None:
+        check_adapter_dir(Path(adapter_path))
+    try:
+        model, tokenizer, config = load(str(path), adapter_path=adapter_path, return_config=True)
+    except (ValueError, KeyError, TypeError, AttributeError, RuntimeError, OSError) as exc:
+        # What the checks above cannot see (weights that do not fit the architecture, a
+        # tokenizer file that does not parse): still one line naming the directory.
+        raise UserError(f"{path}: cannot load the model: {_first_line(exc)}") from None
     if "quantization" not in config and "quantization_config" not in config:
         if target is None:
             floats = [v.dtype for _, v in _leaves(model) if mx.issubdtype(v.dtype, mx.floating)]
@@ -122,6 +130,11 @@ def load_model(
         mx.eval(model.parameters())
     fast_ops.patch_model(model)
     return model, tokenizer
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 def _leaves(model: nn.Module):

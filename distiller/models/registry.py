@@ -130,14 +130,30 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 @contextlib.contextmanager
 def _lock(name: str) -> Iterator[None]:
-    """Serialize pulls/imports of one name across processes (a second waiter then skips)."""
+    """Serialize pulls/imports of one name across processes (a second waiter then skips).
+
+    The lock file is removed when the holder is done, whatever happened, so the cache keeps no
+    debris. A waiter that wakes up holding a file that was removed meanwhile (its inode is no
+    longer the path's) tries again on the new one, so two processes never both hold the lock.
+    """
     models_dir().mkdir(parents=True, exist_ok=True)
-    with open(models_dir() / f".{name}.lock", "w") as fh:
+    path = models_dir() / f".{name}.lock"
+    while True:
+        fh = open(path, "a")  # noqa: SIM115 (held across the yield)
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+            same = os.stat(path).st_ino == os.fstat(fh.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        fh.close()
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
 
 
 def _clean_stale(prefix: str, parent: Path) -> None:
