@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import pytest
 
+from distiller.harness.gates import check_baseline, check_threshold, fail_with_samples
+from distiller.harness.plugin import models
 from distiller.metrics import rate
-from distiller.pytest_plugin import check_baseline, check_threshold, fail_with_samples, models
+from distiller.report import prompt_verdicts
 
 pytestmark = pytest.mark.quality
 
@@ -82,16 +84,17 @@ def test_distilled_not_worse_than_vanilla(distiller, distiller_task, distiller_p
     chosen = distiller.options.models
     if not {"vanilla", "distilled"} <= set(chosen):
         pytest.skip("needs both vanilla and distilled in --distiller-models")
-    from distiller.pytest_plugin import check_baseline as significantly_below
-
     vanilla = distiller.evaluate("vanilla", distiller_prompt_set, distiller_task)
     distilled = distiller.evaluate("distilled", distiller_prompt_set, distiller_task)
+    # Both answered the same prompts: paired, like a baseline with per-prompt verdicts.
     v = vanilla.format_rate
-    problem = significantly_below(
+    problem = check_baseline(
         distilled,
-        "format rate vs the vanilla student",
+        "format rate",
         distilled.format_rate,
-        {"k": v.k, "n": v.n},
+        {"k": v.k, "n": v.n, "by_prompt": prompt_verdicts(vanilla.records)},
         distiller.options.alpha,
+        prompt_verdicts(distilled.records),
+        against="the vanilla student",
     )
     fail_with_samples(distilled, [problem])

@@ -2,15 +2,17 @@
 
 Threshold checks (``eval.thresholds.format_rate``, and ``section_rate`` for every section) apply
 to the distilled student: it is the product; teacher and vanilla are context. Baseline checks
-apply to every model: a significant drop against ``reports/baseline.json`` fails (Newcombe
-interval on the difference of the two rates, one-sided ``--distiller-alpha``).
+apply to every model: a significant drop against ``reports/baseline.json`` fails, at one-sided
+``--distiller-alpha``: McNemar's exact test on the prompts whose verdict changed when the
+baseline scored the same prompts, else the unpaired Newcombe test (see harness.gates).
 """
 
 from __future__ import annotations
 
 import pytest
 
-from distiller.pytest_plugin import check_baseline, check_threshold, fail_with_samples, models
+from distiller.harness.gates import check_format_baseline, check_threshold, fail_with_samples
+from distiller.harness.plugin import models
 
 pytestmark = pytest.mark.structure
 
@@ -49,9 +51,4 @@ def test_format_rate_no_regression(
             f"no baseline entry for {result.task}/{result.prompt_set}/{result.model} in "
             f"{distiller.options.baseline} (record one with --distiller-update-baseline)"
         )
-    alpha = distiller.options.alpha
-    problems = [check_baseline(result, "format rate", result.format_rate, entry["format"], alpha)]
-    for header, rate in result.section_rates.items():
-        base = entry.get("sections", {}).get(header)
-        problems.append(check_baseline(result, f"section {header!r}", rate, base, alpha))
-    fail_with_samples(result, problems)
+    fail_with_samples(result, check_format_baseline(result, entry, distiller.options.alpha))

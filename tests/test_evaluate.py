@@ -14,6 +14,7 @@ from distiller import evaluate as E
 from distiller.decoding import Decoding
 from distiller.errors import UserError
 from distiller.spec import load_spec
+from distiller.validators import build_validator
 
 SPEC = """\
 name: tiny_sections
@@ -61,11 +62,20 @@ def test_evaluate_records_metrics_and_files(tiny_model_dir, tiny_spec, tmp_path)
     assert [rec["id"] for rec in r.records] == ["p1", "p2", "p3", "p4", "p5"]
     m = r.metrics
     assert m["n"] == 5 and m["format"]["n"] == 5
-    # A random 2-layer model does not write "A:" and "B:" sections.
-    assert r.format_rate.k == sum(rec["passed"] for rec in r.records)
+    # An independent recount: the spec's validators run again on every stored output.
+    validate = build_validator(tiny_spec.validators)
+    recheck = [validate(rec["output"]) for rec in r.records]
+    assert [rec["passed"] for rec in r.records] == [v.passed for v in recheck]
+    assert [rec["reasons"] for rec in r.records] == [v.reasons for v in recheck]
+    assert r.format_rate.k == sum(v.passed for v in recheck)
     assert set(m["sections"]) == {"A", "B"}
+    for header in ("A", "B"):
+        assert r.section_rates[header].k == sum(bool(v.sections.get(header)) for v in recheck)
     assert all(0 < rec["output_tokens"] <= 6 for rec in r.records)
-    assert all(not rec["passed"] and rec["reasons"] for rec in r.failing(5))
+    # failing(n): the failed records, in order, at most n (on records made to pass and fail).
+    mixed = replace(r, records=[{**rec, "passed": i % 2 == 0} for i, rec in enumerate(r.records)])
+    assert [rec["id"] for rec in mixed.failing(5)] == ["p2", "p4"]
+    assert [rec["id"] for rec in mixed.failing(1)] == ["p2"]
     assert m["prefill_tps"] > 0 and m["decode_tps"] > 0 and m["peak_memory_mb"] > 0
     # 2 layers, d=64, vocab 49152, tied: the embedding dominates.
     assert 49152 * 64 < m["params"] < 49152 * 64 + 200_000
