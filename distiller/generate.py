@@ -282,6 +282,7 @@ def generate_batch(
     seeds: Sequence[int | None] | None = None,
     batch_size: int = 16,
     progress: Callable[[int], object] | None = None,
+    on_finish: Callable[[int, Generation], object] | None = None,
     reset_peak_memory: bool = False,
     min_shared_prefix: int = 64,
 ) -> Generations:
@@ -293,8 +294,9 @@ def generate_batch(
 
     Per-prompt seeds are derived from ``decoding.seed`` and the prompt's position, unless
     ``seeds`` gives one per prompt. ``progress(n)`` is called with the number of sequences
-    that just finished (``tqdm.update`` fits). Returns the generations in prompt order, with
-    ``.stats``.
+    that just finished (``tqdm.update`` fits); ``on_finish(i, generation)`` with each finished
+    sequence as soon as it is done (so a caller can save it before the batch ends). Returns the
+    generations in prompt order, with ``.stats``.
     """
     from mlx_lm.generate import BatchGenerator
 
@@ -329,6 +331,7 @@ def generate_batch(
             processors=processors,
             batch_size=batch_size,
             progress=progress,
+            on_finish=on_finish,
             start=start,
         )
     gen = BatchGenerator(
@@ -366,6 +369,8 @@ def generate_batch(
                         if r.finish_reason is None:
                             ours.append(r.uid)
                         results[i] = sequences[i].result(start)
+                        if on_finish is not None:
+                            on_finish(i, results[i])
                         finished += 1
                 if ours:
                     gen.remove(ours)
@@ -450,6 +455,7 @@ def _generate_with_shared_prefix(
     processors: list[list[LogitsProcessor]] | None,
     batch_size: int,
     progress: Callable[[int], object] | None,
+    on_finish: Callable[[int, Generation], object] | None,
     start: float,
 ) -> Generations:
     """Static batches of up to ``batch_size`` sequences over one prefilled shared prefix.
@@ -495,6 +501,8 @@ def _generate_with_shared_prefix(
                     keep.append(k)
                 else:
                     results[i] = sequences[i].result(start)
+                    if on_finish is not None:
+                        on_finish(i, results[i])
             if len(keep) < len(rows):
                 if progress is not None:
                     progress(len(rows) - len(keep))

@@ -279,16 +279,12 @@ def run_teacher(
                 if not chunk:
                     continue
                 reqs = [make_request(by_id[pid], i) for pid, i in chunk]
-                completions = backend.complete(reqs)
-                failed_now = sum(not c.ok for c in completions)
-                streak = streak + failed_now if failed_now == len(completions) else 0
-                # A dead or misconfigured backend: stop instead of burning every prompt's retries.
-                if streak and (summary.samples == 0 or streak >= max(8, 2 * t.batch_size)):
-                    raise UserError(
-                        f"teacher backend failed every request ({streak} in a row): "
-                        f"{completions[0].error}"
-                    )
-                for (pid, i), req, c in zip(chunk, reqs, completions, strict=True):
+                handled: set[int] = set()
+
+                def handle(k: int, c: Completion, chunk=chunk, reqs=reqs, handled=handled) -> None:
+                    """Record one completion the moment it arrives: an interrupt keeps it."""
+                    handled.add(k)
+                    pid, i = chunk[k]
                     st = states[pid]
                     was_finished = _finished(st, t.keep, budget)
                     if not c.ok:
@@ -299,7 +295,7 @@ def run_teacher(
                         if st.failures[i] >= MAX_REQUEST_FAILURES:
                             st.given_up = True
                     else:
-                        rec = record(by_id[pid], i, req, c)
+                        rec = record(by_id[pid], i, reqs[k], c)
                         store.append(rec)
                         st.done.add(i)
                         summary.samples += 1
@@ -313,6 +309,19 @@ def run_teacher(
                             summary.rejection_reasons.update(rec["failed_checks"])
                     if bar is not None and not was_finished and _finished(st, t.keep, budget):
                         bar.update(1)
+
+                completions = backend.complete(reqs, on_done=handle)
+                for k, c in enumerate(completions):  # a backend that did not call on_done
+                    if k not in handled:
+                        handle(k, c)
+                failed_now = sum(not c.ok for c in completions)
+                streak = streak + failed_now if failed_now == len(completions) else 0
+                # A dead or misconfigured backend: stop instead of burning every prompt's retries.
+                if streak and (summary.samples == 0 or streak >= max(8, 2 * t.batch_size)):
+                    raise UserError(
+                        f"teacher backend failed every request ({streak} in a row): "
+                        f"{completions[0].error}"
+                    )
                 if bar is not None:
                     el = max(time.perf_counter() - start, 1e-9)
                     bar.set_postfix(

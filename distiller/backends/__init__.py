@@ -7,6 +7,7 @@ so a batch never loses the answers that did arrive; the caller decides what an e
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -52,7 +53,15 @@ class BackendError(RuntimeError):
 class Backend(Protocol):
     """Anything that completes chat requests. ``fingerprint`` identifies the teacher (no secrets)."""
 
-    def complete(self, requests: list[CompletionRequest]) -> list[Completion]: ...
+    def complete(
+        self,
+        requests: list[CompletionRequest],
+        on_done: Callable[[int, Completion], object] | None = None,
+    ) -> list[Completion]:
+        """Completions in request order. ``on_done(i, completion)`` is called for each request
+        as soon as its completion is known, so callers can keep finished work if the call is
+        interrupted before it returns."""
+        ...
 
     def fingerprint(self) -> dict: ...
 

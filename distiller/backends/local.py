@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from distiller.backends import Completion, CompletionRequest
 from distiller.decoding import Decoding
+
+if TYPE_CHECKING:
+    from distiller.generate import Generation
 
 
 class LocalBackend:
@@ -35,7 +39,11 @@ class LocalBackend:
     def fingerprint(self) -> dict:
         return {"backend": "local", "model": self.model_name}
 
-    def complete(self, requests: list[CompletionRequest]) -> list[Completion]:
+    def complete(
+        self,
+        requests: list[CompletionRequest],
+        on_done: Callable[[int, Completion], object] | None = None,
+    ) -> list[Completion]:
         from distiller.generate import GenerationStats, chat_prompt, generate_batch
 
         model, tokenizer = self._model()
@@ -47,6 +55,8 @@ class LocalBackend:
                 prompt = chat_prompt(tokenizer, req.messages)
             except Exception as exc:  # a malformed conversation fails only its own request
                 out[i] = Completion(finish_reason="error", error=f"chat template: {exc}")
+                if on_done is not None:
+                    on_done(i, out[i])
                 continue
             key = (dataclasses.replace(req.decoding, seed=None), req.decoding.seed is None)
             groups[key].append((i, prompt))
@@ -54,6 +64,17 @@ class LocalBackend:
             self.stats = GenerationStats()
         for (decoding, unseeded), items in groups.items():
             idx = [i for i, _ in items]
+
+            def finished(k: int, g: Generation, idx: list[int] = idx) -> None:
+                out[idx[k]] = Completion(
+                    text=g.text,
+                    prompt_tokens=g.prompt_tokens,
+                    completion_tokens=g.generation_tokens,
+                    finish_reason=g.finish_reason,
+                )
+                if on_done is not None:
+                    on_done(idx[k], out[idx[k]])
+
             gens = generate_batch(
                 model,
                 tokenizer,
@@ -61,15 +82,9 @@ class LocalBackend:
                 decoding,
                 seeds=None if unseeded else [requests[i].decoding.seed for i in idx],
                 batch_size=self.batch_size,
+                on_finish=finished,
             )
             self.stats += gens.stats
-            for i, g in zip(idx, gens, strict=True):
-                out[i] = Completion(
-                    text=g.text,
-                    prompt_tokens=g.prompt_tokens,
-                    completion_tokens=g.generation_tokens,
-                    finish_reason=g.finish_reason,
-                )
         return [c for c in out if c is not None]
 
     def close(self) -> None:

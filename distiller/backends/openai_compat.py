@@ -15,7 +15,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from datetime import UTC, datetime
 from typing import Any
 
@@ -244,15 +244,15 @@ class OpenAICompatBackend:
         if not requests:
             return []
         pool = ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(requests)))
-        futures = [pool.submit(self._one, r) for r in requests]
+        futures = {pool.submit(self._one, r): i for i, r in enumerate(requests)}
         try:
-            results = []
-            for i, f in enumerate(futures):
-                c = f.result()
+            results: list[Completion | None] = [None] * len(requests)
+            for f in as_completed(futures):
+                i = futures[f]
+                results[i] = f.result()
                 if on_done is not None:
-                    on_done(i, c)
-                results.append(c)
-            return results
+                    on_done(i, results[i])
+            return [c for c in results if c is not None]
         except BaseException:
             self._stop.set()  # wake sleeping retries so the workers exit promptly
             for f in futures:
