@@ -262,9 +262,9 @@ def _length_stats(values: list[int]) -> dict[str, float] | None:
 def _load_tokenizer(name_or_path: str) -> tuple[Any, str | None]:
     """The student's tokenizer for token-length stats, or (None, why not)."""
     try:
-        from distiller.train.trainer import model_path
+        from distiller.models import resolve_model
 
-        path = model_path(name_or_path, pull=False)  # stats only: never trigger a pull
+        path = str(resolve_model(name_or_path, pull=False))  # stats only: never trigger a pull
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(path), None

@@ -69,7 +69,7 @@ def fuse(
     from mlx_lm.tuner.utils import load_adapters
     from mlx_lm.utils import load_model, quantize_model, save_config, save_model
 
-    from distiller.train.trainer import model_path
+    from distiller.models import resolve_model
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     cfg_path = adapter_dir / "adapter_config.json"
@@ -81,7 +81,7 @@ def fuse(
     base = base_model or adapter_cfg.get("model")
     if not base:
         raise UserError(f"{cfg_path}: no base model recorded; pass --base")
-    base_dir = Path(model_path(base))
+    base_dir = resolve_model(base)
 
     # The base in its stored dtype: fusing must not silently upcast the saved model.
     model, config = load_model(base_dir)

@@ -46,7 +46,7 @@ SMOLLM2_135M = {
 
 def build_model(model: str | None):
     if model:
-        from distiller.train.trainer import load_model
+        from distiller.models import load_model
 
         return load_model(model)[0]
     from mlx_lm.models import llama
@@ -81,12 +81,12 @@ def build_step(
     model, rank: int = 8, compile: bool = True, lr: float = 1e-4, workers: int | None = None
 ):
     """The exact step the trainer runs: LoRA on all 7 projections, AdamW, masked CE."""
+    from distiller.spec import LoraSpec
     from distiller.train import lora as LR
-    from distiller.train.trainer import make_train_step, sft_loss
+    from distiller.train.routes import sft_loss
+    from distiller.train.step import make_train_step
 
-    cfg = LR.adapter_config(
-        model, {"rank": rank, "alpha": 2 * rank, "dropout": 0.0}, False, "bench"
-    )
+    cfg = LR.adapter_config(model, LoraSpec(rank=rank, alpha=2 * rank), False, "bench")
     LR.prepare_trainable(model, cfg)
     model.train()
     return make_train_step(

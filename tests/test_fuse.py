@@ -11,15 +11,16 @@ from mlx_lm import load
 
 from distiller.errors import UserError
 from distiller.fuse import adapter_hash, fuse
-from distiller.spec import QuantizeSpec
+from distiller.spec import LoraSpec, QuantizeSpec
 from distiller.train import lora as LR
-from distiller.train.trainer import make_train_step, sft_loss
+from distiller.train.routes import sft_loss
+from distiller.train.step import make_train_step
 
 
 def _adapter(tmp_path, base_dir):
     """A LoRA adapter with non-trivial weights: a few real training steps on random tokens."""
     model, _ = load(str(base_dir))
-    cfg = LR.adapter_config(model, {"rank": 4, "alpha": 8}, False, str(base_dir))
+    cfg = LR.adapter_config(model, LoraSpec(rank=4, alpha=8), False, str(base_dir))
     LR.prepare_trainable(model, cfg)
     step = make_train_step(model, optim.Adam(learning_rate=1e-2), sft_loss, compile=False)
     rng = mx.random.key(0)

@@ -1,26 +1,22 @@
 """Stage: dataset -> adapter. Train a student with sft, seq-kd, logit-kd or dpo.
 
-``train(spec, dataset_dir, out_dir, resume=True) -> TrainResult`` is the stage function;
-``make_train_step`` builds the compiled update used by the loop and by the benchmarks.
+``train(spec, dataset_dir, out_dir, resume=True, runtime=TrainRuntime()) -> TrainResult`` is
+the stage function: what it trains comes from the spec's student sections, how it runs from
+``TrainRuntime``. ``make_train_step`` builds the compiled update used by the loop and by the
+benchmarks.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from distiller.train.trainer import (
-    TrainConfig,
-    TrainResult,
-    config_from_spec,
-    make_train_step,
-    train,
-)
+from distiller.train.step import make_train_step
+from distiller.train.trainer import TrainResult, TrainRuntime, train
 
 __all__ = [
-    "TrainConfig",
     "TrainResult",
+    "TrainRuntime",
     "add_arguments",
-    "config_from_spec",
     "make_train_step",
     "run_cli",
     "train",
@@ -46,25 +42,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (
         "A checkpoint is written every student.train.checkpoint_every steps and on Ctrl-C; running\n"
         "the same command again resumes from it. The adapter in --out is the one with the lowest\n"
-        "validation loss, or the final one with student.train.keep: last."
+        "validation loss, or the final one with student.train.keep: last. --no-compile and\n"
+        "--workers change how the run computes, not what it trains: a resumed run may change them."
     )
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from distiller.errors import UserError
     from distiller.spec import load_spec
 
     spec = load_spec(args.spec)
-    cfg = config_from_spec(spec)
-    if args.iters:
-        cfg.iters = args.iters
-    if args.no_compile:
-        cfg.compile = False
-    if args.workers is not None:
-        if args.workers < 1:
-            raise UserError(f"--workers must be at least 1, got {args.workers}")
-        cfg.workers = args.workers
-    r = train(spec, args.data, args.out, resume=not args.no_resume, config=cfg)
+    if args.iters is not None:
+        if args.iters < 1:
+            raise UserError(f"--iters must be at least 1, got {args.iters}")
+        train_spec = replace(spec.student.train, iters=args.iters, epochs=None)
+        spec = replace(spec, student=replace(spec.student, train=train_spec))
+    if args.workers is not None and args.workers < 1:
+        raise UserError(f"--workers must be at least 1, got {args.workers}")
+    runtime = TrainRuntime(compile=not args.no_compile, workers=args.workers)
+    r = train(spec, args.data, args.out, resume=not args.no_resume, runtime=runtime)
     val = f"{r.best_val_loss:.4f} at step {r.best_step}" if r.best_val_loss is not None else "n/a"
     print(
         f"trained {r.route}: {r.steps}/{r.total_steps} steps, best val loss {val}"

@@ -11,13 +11,14 @@ import hashlib
 import io
 import json
 import signal
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
+from distiller.files import atomic_write
+from distiller.hashing import stable_hash
 from distiller.train import lora as LR
 
 
@@ -33,7 +34,7 @@ def save_checkpoint(out_dir: Path, step: int, model, optimizer, extra: dict) -> 
         d / f"step-{step}.optimizer.safetensors", dict(tree_flatten(optimizer.state))
     )
     state = {"step": step, **extra}
-    LR.atomic_write_text(d / "state.json", json.dumps(state) + "\n")
+    atomic_write(d / "state.json", json.dumps(state) + "\n")
     # Older checkpoints are garbage only once state.json points at the new one.
     for f in d.glob("step-*.safetensors"):
         if not f.name.startswith(f"step-{step}."):
@@ -56,13 +57,13 @@ def load_checkpoint(out_dir: Path, model, optimizer) -> dict | None:
 
 
 def write_metrics(out_dir: Path, rows: list[dict]) -> None:
-    LR.atomic_write_text(out_dir / "metrics.json", json.dumps(rows, indent=1) + "\n")
+    atomic_write(out_dir / "metrics.json", json.dumps(rows, indent=1) + "\n")
     cols = ["step", "train_loss", "val_loss", "lr", "tokens_per_s", "peak_memory_gb", "elapsed_s"]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
     w.writeheader()
     w.writerows(rows)
-    LR.atomic_write_text(out_dir / "metrics.csv", buf.getvalue())
+    atomic_write(out_dir / "metrics.csv", buf.getvalue())
 
 
 class StopFlag:
@@ -88,12 +89,11 @@ class StopFlag:
             signal.signal(signal.SIGINT, self._old)
 
 
-def run_key(cfg: Any, adapter_cfg: dict, dataset_dir: Path) -> str:
-    settings = {
-        k: v for k, v in asdict(cfg).items() if k not in ("compile", "workers", "steps_per_report")
-    }
-    h = hashlib.sha256(json.dumps([settings, adapter_cfg], sort_keys=True, default=str).encode())
+def run_key(settings: Any, dataset_dir: Path) -> str:
+    """Key of a run: its training settings (``stable_hash``able) and every dataset file's bytes.
+    A checkpoint carries it, and only a run with the same key may continue from it."""
+    data = hashlib.sha256()
     for f in sorted(dataset_dir.glob("*.jsonl")):
-        h.update(f.name.encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()[:16]
+        data.update(f.name.encode())
+        data.update(f.read_bytes())
+    return stable_hash([settings, data.hexdigest()], 16)

@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from distiller.errors import UserError
+from distiller.files import atomic_write
+from distiller.spec import LoraSpec
 
 ALL_PROJECTIONS = (
     "self_attn.q_proj",
@@ -41,38 +42,37 @@ def resolve_keys(model: nn.Module, keys: list[str] | None) -> list[str]:
     return out
 
 
-def num_lora_layers(model: nn.Module, layers: Any) -> int:
-    """LoRA goes on the last ``layers`` blocks (None / "all" / -1 / 0 -> every block)."""
+def num_lora_layers(model: nn.Module, layers: int | str) -> int:
+    """LoRA goes on the last ``layers`` blocks ("all" -> every block)."""
     n = len(model.layers)
-    if layers in (None, "all", -1, 0):
+    if layers == "all":
         return n
-    if isinstance(layers, int) and layers > 0:
+    if isinstance(layers, int) and not isinstance(layers, bool) and layers > 0:
         return min(layers, n)
     raise UserError(f"student.lora.layers must be a positive integer or 'all', got {layers!r}")
 
 
-def _opt(obj: Any, name: str, default: Any = None) -> Any:
-    """A setting from a spec dataclass or a plain dict (None means: use the default)."""
-    value = obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
-    return default if value is None else value
+def adapter_config(
+    model: nn.Module, lora: LoraSpec | None, full_finetune: bool, base_model: str
+) -> dict:
+    """The adapter_config.json that mlx_lm.tuner.utils.load_adapters reads back.
 
-
-def adapter_config(model: nn.Module, lora: Any, full_finetune: bool, base_model: str) -> dict:
-    """The adapter_config.json that mlx_lm.tuner.utils.load_adapters reads back."""
+    ``lora`` is the spec's section (None only with ``full_finetune``, as the parser gives it).
+    """
     if full_finetune:
         return {"fine_tune_type": "full", "num_layers": len(model.layers), "model": base_model}
-    rank = int(_opt(lora, "rank", 8))
-    alpha = float(_opt(lora, "alpha", 2 * rank))
+    if lora is None:
+        raise UserError("student.lora is required unless full_finetune is true")
     return {
         "fine_tune_type": "lora",
         "model": base_model,
-        "num_layers": num_lora_layers(model, _opt(lora, "layers")),
+        "num_layers": num_lora_layers(model, lora.layers),
         "lora_parameters": {
-            "rank": rank,
+            "rank": lora.rank,
             # PEFT convention: the update is scaled by alpha / rank.
-            "scale": alpha / rank,
-            "dropout": float(_opt(lora, "dropout", 0.0)),
-            "keys": resolve_keys(model, _opt(lora, "keys")),
+            "scale": lora.alpha / lora.rank,
+            "dropout": lora.dropout,
+            "keys": resolve_keys(model, list(lora.keys)),
         },
     }
 
@@ -93,21 +93,24 @@ def trainable_weights(model: nn.Module) -> dict[str, mx.array]:
     return dict(tree_flatten(model.trainable_parameters()))
 
 
-def atomic_save_safetensors(path: str | Path, arrays: dict[str, mx.array]) -> None:
+def atomic_save_safetensors(path: str | Path, arrays: dict[str, mx.array]) -> Path:
+    """``mx.save_safetensors`` with ``distiller.files.atomic_write``'s guarantee (a temporary
+    file in the same directory, fsynced, then renamed over ``path``). The arrays are streamed
+    into the open file rather than serialized to bytes first, so full fine-tuning checkpoints
+    do not hold a second copy of the weights in memory."""
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp.safetensors")
-    mx.save_safetensors(str(tmp), arrays)
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:  # a file object: MLX adds no ".safetensors" suffix to it
+            mx.save_safetensors(f, arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def save_adapter(out_dir: str | Path, model: nn.Module, config: dict) -> Path:
@@ -115,5 +118,5 @@ def save_adapter(out_dir: str | Path, model: nn.Module, config: dict) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors(out_dir / "adapters.safetensors", trainable_weights(model))
-    atomic_write_text(out_dir / "adapter_config.json", json.dumps(config, indent=2) + "\n")
+    atomic_write(out_dir / "adapter_config.json", json.dumps(config, indent=2) + "\n")
     return out_dir

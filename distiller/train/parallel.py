@@ -1,15 +1,14 @@
 """Data-parallel training steps across the cores of a CPU.
 
 MLX's CPU backend runs a stream's ops one after another on that stream's own thread; only BLAS
-calls use more cores. On a small model about 40% of a LoRA step is elementwise work (softmax,
-SiLU, norms, the loss over the vocabulary) that then keeps one core busy and the others idle.
-So on the CPU a batch is cut into row shards, each shard's forward and backward run on its own
-stream (its own thread), each BLAS call takes one core, and the shards' gradients are combined
-before one optimizer update: the same update as the whole batch, computed on every core.
+calls use more cores. On a small model much of a LoRA step is elementwise work (softmax, SiLU,
+norms, the loss over the vocabulary) that then keeps one core busy and the others idle. So on
+the CPU a batch is cut into row shards, each shard's forward and backward run on its own stream
+(its own thread), each BLAS call takes one core, and the shards' gradients are combined before
+one optimizer update: the same update as the whole batch, computed on every core.
 
-On SmolLM2-135M, batch 4 x 128, LoRA r=8 (``scripts/bench_train.py``) this took the median
-step from ~2.8 s (one stream, 2-thread BLAS) to ~2.3-2.5 s on a 2-core machine. On Metal and
-CUDA the device is already parallel: one worker.
+``scripts/bench_train.py`` (``--workers 1`` for one stream) measures what it gains; the README
+has the figures. On Metal and CUDA the device is already parallel: one worker.
 """
 
 from __future__ import annotations
@@ -59,12 +58,11 @@ def keep_freed_memory() -> bool:
     """Ask glibc's malloc to keep freed memory for reuse instead of returning it to the OS.
 
     MLX's CPU allocator takes every buffer from malloc. Buffers above malloc's mmap threshold
-    (the 25M-float vocabulary logits, the MLP activations) are mapped fresh and unmapped on
-    free, so every step pays page faults and zero-filling for them again: ~12% of a sharded
-    LoRA step's CPU time was in the kernel (``clear_page``, page faults) on SmolLM2-135M.
-    Serving large blocks from the heap and not trimming it makes later steps reuse the same
-    pages (~10% more tokens/s). The cost is that the process keeps its peak heap until it
-    exits. Returns whether the setting took (glibc only; elsewhere it does nothing).
+    (the vocabulary logits, the MLP activations) are mapped fresh and unmapped on free, so
+    every step pays page faults and zero-filling (kernel time in ``clear_page``) for them
+    again. Serving large blocks from the heap and not trimming it makes later steps reuse the
+    same pages. The cost is that the process keeps its peak heap until it exits. Returns
+    whether the setting took (glibc only; elsewhere it does nothing).
     """
     global _kept
     if _kept:

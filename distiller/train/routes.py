@@ -7,11 +7,11 @@ supervised positions ``batch["sel"]`` (see ``batches.select``).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from distiller.spec import KDSpec
 from distiller.train import losses as L
 from distiller.train import students as S
 
@@ -44,10 +44,12 @@ def sft_loss(model: nn.Module, batch: dict[str, mx.array]) -> tuple[mx.array, mx
     return L.masked_cross_entropy(logits, selected_targets(batch), batch["sel_mask"])
 
 
-def make_kd_loss(teacher: nn.Module, cfg: Any, layer_map: dict[int, int]) -> Callable:
+def make_kd_loss(teacher: nn.Module, kd: KDSpec, layer_map: dict[int, int]) -> Callable:
+    """The logit-kd loss (``student.kd``); ``layer_map`` pairs student blocks with teacher
+    blocks for the hidden-state term (empty: no hidden-state term)."""
     s_ids = sorted(layer_map)
     t_ids = [layer_map[i] for i in s_ids]
-    use_hidden = bool(cfg.gamma) and bool(s_ids)
+    use_hidden = bool(kd.gamma) and bool(s_ids)
 
     def kd_loss(model, batch):
         if use_hidden:
@@ -64,11 +66,11 @@ def make_kd_loss(teacher: nn.Module, cfg: Any, layer_map: dict[int, int]) -> Cal
             mx.stop_gradient(t_logits),
             selected_targets(batch),
             batch["sel_mask"],
-            alpha=cfg.alpha,
-            beta=cfg.beta,
-            gamma=cfg.gamma if use_hidden else 0.0,
-            temperature=cfg.temperature,
-            divergence=cfg.divergence,
+            alpha=kd.alpha,
+            beta=kd.beta,
+            gamma=kd.gamma if use_hidden else 0.0,
+            temperature=kd.temperature,
+            divergence=kd.divergence,
             student_hidden=s_hidden,
             teacher_hidden=t_hidden,
             hidden_mask=batch["mask"],

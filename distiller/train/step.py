@@ -15,6 +15,7 @@ from mlx.utils import tree_map
 from distiller import blas
 from distiller.device import on_cpu
 from distiller.errors import UserError
+from distiller.spec import TrainSpec
 from distiller.train import batches as B
 from distiller.train import parallel as P
 
@@ -101,7 +102,7 @@ def make_train_step(
         grad_on, apply = [maybe_compile(grad_only)], maybe_compile(apply)
     else:
         # Only each shard's forward and backward is compiled: compiling the combine and the
-        # update as well made the sharded step slower (~165 vs ~200 tok/s, bench_train.py).
+        # update as well made the sharded step slower (compare with scripts/bench_train.py).
         grad_on = [on_stream(s) for s in P.worker_streams(n_workers)]
         if on_cpu():
             P.keep_freed_memory()
@@ -144,11 +145,11 @@ def make_train_step(
     return step
 
 
-def evaluate(model: nn.Module, loss_fn: Callable, batches: list[dict], max_batches: int) -> float:
-    """Token-weighted mean loss over (up to ``max_batches``) validation batches."""
+def evaluate(model: nn.Module, loss_fn: Callable, batches: list[dict]) -> float:
+    """Token-weighted mean loss over the validation batches."""
     model.eval()
     total, weight = 0.0, 0.0
-    for b in batches[: max_batches if max_batches > 0 else None]:
+    for b in batches:
         loss, ntoks = loss_fn(model, to_mx(b))
         mx.eval(loss, ntoks)
         total += loss.item() * max(ntoks.item(), 1)
@@ -157,19 +158,21 @@ def evaluate(model: nn.Module, loss_fn: Callable, batches: list[dict], max_batch
     return total / weight if weight else float("nan")
 
 
-def build_schedule(cfg: Any, total_steps: int) -> Callable:
-    lr = float(cfg.learning_rate)
-    warm = max(0, min(int(cfg.warmup_steps), total_steps - 1))
+def build_schedule(train: TrainSpec, total_steps: int) -> Callable:
+    """The learning rate per step: ``train.schedule`` after ``train.warmup_steps`` of linear
+    warmup (cosine decays to a tenth of the peak, linear to 0)."""
+    lr = float(train.learning_rate)
+    warm = max(0, min(int(train.warmup_steps), total_steps - 1))
     rest = max(1, total_steps - warm)
-    if cfg.schedule == "constant":
+    if train.schedule == "constant":
         main = lambda _: mx.array(lr)  # noqa: E731
-    elif cfg.schedule == "linear":
+    elif train.schedule == "linear":
         main = optim.linear_schedule(lr, 0.0, rest)
-    elif cfg.schedule == "cosine":
+    elif train.schedule == "cosine":
         main = optim.cosine_decay(lr, rest, end=lr * 0.1)
     else:
         raise UserError(
-            f"student.train.schedule must be cosine, linear or constant, got {cfg.schedule!r}"
+            f"student.train.schedule must be cosine, linear or constant, got {train.schedule!r}"
         )
     if not warm:
         return main

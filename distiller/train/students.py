@@ -63,11 +63,15 @@ def auto_layer_map(n_student: int, n_teacher: int) -> dict[int, int]:
 
 
 def layer_map_for(
-    spec_map: Any, n_student: int, n_teacher: int, kept: list[int] | None = None
+    spec_map: str | tuple[tuple[int, int], ...],
+    n_student: int,
+    n_teacher: int,
+    kept: list[int] | None = None,
 ) -> dict[int, int]:
-    """The student->teacher hidden-state map: explicit dict, the kept-layer map, or "auto"."""
-    if isinstance(spec_map, dict) and spec_map:
-        out = {int(k): int(v) for k, v in spec_map.items()}
+    """The student->teacher hidden-state map: ``kd.layer_map``'s explicit (student, teacher)
+    pairs; for "auto", the kept-layer map of a layer-dropped student, or blocks spread evenly."""
+    if spec_map != "auto":
+        out = {int(s): int(t) for s, t in spec_map}
     elif kept is not None and len(kept) == n_student:
         out = dict(enumerate(kept))
     else:

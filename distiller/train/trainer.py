@@ -1,5 +1,10 @@
 """The training loop: one compiled step, checkpoints that survive SIGKILL, early stopping.
 
+What is trained comes from the spec alone (``student.route``, ``student.train``, ``student.kd``,
+``student.dpo``, ``student.lora``): those sections are the one schema and hold the defaults.
+How the run is executed (``TrainRuntime``: compilation, CPU shards, report interval) sits
+apart; it never changes what the adapter means, so a resumed run may change it.
+
 Layout of ``out_dir`` (the adapter directory ``mlx_lm.load(base, adapter_path=out_dir)`` opens):
   adapters.safetensors, adapter_config.json  the result: best adapter so far (lowest validation
                                              loss), or the final one with keep: last
@@ -16,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,61 +32,40 @@ import mlx.optimizers as optim
 import numpy as np
 
 from distiller.errors import UserError
+from distiller.files import atomic_write
+from distiller.hashing import canonical
+from distiller.models import load_model, resolve_model
+from distiller.spec import ROUTES, DPOSpec, KDSpec, StudentSpec, TaskSpec
 from distiller.train import batches as B
 from distiller.train import checkpoint as C
 from distiller.train import lora as LR
 from distiller.train import routes as R
 from distiller.train import step as ST
 from distiller.train import students as S
-from distiller.train.routes import make_dpo_loss, make_kd_loss, sft_loss  # noqa: F401
-from distiller.train.step import build_schedule, evaluate, make_train_step  # noqa: F401
+from distiller.train.routes import sft_loss
+from distiller.train.step import make_train_step
 
-ROUTES = ("sft", "seq-kd", "logit-kd", "dpo")
 PAIR_FILES = ("pairs_train.jsonl", "pairs_valid.jsonl")
 
 
-@dataclass
-class TrainConfig:
-    """Flat training settings (from the spec's student section, with efficient defaults)."""
+@dataclass(frozen=True)
+class TrainRuntime:
+    """How a run is executed, not what it trains: left out of the checkpoint's run key."""
 
-    route: str = "sft"
-    iters: int | None = None
-    epochs: float | None = None
-    batch_size: int = 4
-    learning_rate: float = 2e-4
-    schedule: str = "cosine"  # "cosine" (to 10% of peak) | "constant" | "linear" (to 0)
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    grad_clip: float | None = 1.0  # max global gradient norm; None = off
-    max_seq_length: int = 512
-    steps_per_eval: int = 50
-    steps_per_report: int = 10
-    val_batches: int = 25
-    early_stopping_patience: int = 0  # evals without improvement before stopping; 0 = never
-    # The result: "best" = lowest validation loss, "last" = the final step's weights. Validation
-    # loss is the cross-entropy on the teacher's answers; when a format is what is distilled it
-    # can rise (the content overfits) while the format is still being learned.
-    keep: str = "best"
-    checkpoint_every: int = 50
-    seed: int = 0
-    grad_accumulation: int = 1
-    pad_to: int = 32
-    # mx.compile the step: 118 vs 104 tok/s on CPU (scripts/bench_train.py); each new batch
-    # shape costs one trace, so batch lengths are padded to few distinct shapes.
+    # mx.compile the step: one fused graph per batch shape instead of op-by-op dispatch. Each
+    # new shape costs a trace, which is why batch lengths are padded to few distinct shapes.
     compile: bool = True
     # Shards of each batch computed at once on separate CPU streams (distiller.train.parallel);
     # None = one per core on the CPU, one on a GPU. The update is the whole batch's either way.
     workers: int | None = None
-    full_finetune: bool = False
-    # logit-kd
-    alpha: float = 0.5
-    beta: float = 0.5
-    gamma: float = 0.0
-    temperature: float = 2.0
-    divergence: str = "kl"
-    layer_map: Any = "auto"
-    # dpo
-    dpo_beta: float = 0.1
+    # A metrics row (train loss, tokens/s, memory) every this many steps, and at every eval.
+    steps_per_report: int = 10
+
+    def __post_init__(self) -> None:
+        if self.workers is not None and self.workers < 1:
+            raise UserError(f"workers must be at least 1, got {self.workers}")
+        if self.steps_per_report < 1:
+            raise UserError(f"steps_per_report must be at least 1, got {self.steps_per_report}")
 
 
 @dataclass
@@ -98,63 +83,33 @@ class TrainResult:
     metrics: list[dict] = field(default_factory=list, repr=False)
 
 
-def _get(obj: Any, name: str, default: Any = None) -> Any:
-    if obj is None:
-        return default
-    value = obj.get(name, default) if isinstance(obj, dict) else getattr(obj, name, default)
-    return default if value is None else value
-
-
-def config_from_spec(spec: Any) -> TrainConfig:
+def run_settings(spec: TaskSpec) -> dict[str, Any]:
+    """Everything that decides what a run trains (the data aside): its checkpoint's key."""
     student = spec.student
-    t, kd, dpo = _get(student, "train"), _get(student, "kd"), _get(student, "dpo")
-    c = TrainConfig(route=_get(student, "route", "sft"))
-    for name in (
-        "iters",
-        "epochs",
-        "batch_size",
-        "learning_rate",
-        "schedule",
-        "warmup_steps",
-        "weight_decay",
-        "max_seq_length",
-        "steps_per_eval",
-        "steps_per_report",
-        "val_batches",
-        "early_stopping_patience",
-        "checkpoint_every",
-        "seed",
-        "grad_accumulation",
-        "keep",
-    ):
-        setattr(c, name, _get(t, name, getattr(c, name)))
-    c.grad_clip = _get(t, "grad_clip", None)
-    c.full_finetune = bool(_get(student, "full_finetune", False))
-    for name in ("alpha", "beta", "gamma", "temperature", "divergence", "layer_map"):
-        setattr(c, name, _get(kd, name, getattr(c, name)))
-    c.dpo_beta = float(_get(dpo, "beta", c.dpo_beta))
-    if c.route not in ROUTES:
-        raise UserError(f"student.route must be one of {', '.join(ROUTES)}, got {c.route!r}")
-    if c.keep not in ("best", "last"):
-        raise UserError(f"student.train.keep must be best or last, got {c.keep!r}")
-    return c
+    teacher_used = student.route == "logit-kd" or student.drop_layers is not None
+    return {
+        "model": student.model,
+        "route": student.route,
+        "full_finetune": student.full_finetune,
+        "lora": None if student.full_finetune else student.lora,
+        "train": student.train,
+        "kd": _kd(student) if student.route == "logit-kd" else None,
+        "dpo": _dpo(student) if student.route == "dpo" else None,
+        "drop_layers": student.drop_layers,
+        "teacher": spec.teacher.model if teacher_used else None,
+    }
+
+
+def _kd(student: StudentSpec) -> KDSpec:
+    # The parser sets kd for logit-kd; a spec built in code without it gets the section defaults.
+    return student.kd or KDSpec()
+
+
+def _dpo(student: StudentSpec) -> DPOSpec:
+    return student.dpo or DPOSpec()
 
 
 # ---------------------------------------------------------------------------- models
-
-
-def load_model(name_or_path: str) -> tuple[nn.Module, Any]:
-    """(model, tokenizer) via distiller.models (registry names, compute dtype, quantized kept)."""
-    from distiller.models import load_model as _load
-
-    return _load(str(name_or_path))
-
-
-def model_path(name_or_path: str, pull: bool = True) -> str:
-    """A local model directory for a registry name, cached import or path."""
-    from distiller.models import resolve_model
-
-    return str(resolve_model(str(name_or_path), pull=pull))
 
 
 def _vocab(tokenizer: Any) -> dict[str, int]:
@@ -191,25 +146,30 @@ def check_same_vocabulary(
 # ---------------------------------------------------------------------------- train
 
 
-def _prepare_student(spec: Any, cfg: TrainConfig, out_dir: Path) -> tuple[str, list[int] | None]:
+def _prepare_student(spec: TaskSpec, out_dir: Path) -> tuple[str, list[int] | None]:
     """The base model to train: the spec's student, or layers dropped from the teacher."""
-    drop = _get(spec.student, "drop_layers", None)
-    if not drop:
+    drop = spec.student.drop_layers
+    if drop is None:
         return str(spec.student.model), None
+    teacher_dir = resolve_model(spec.teacher.model)
+    n_layers = json.loads((teacher_dir / "config.json").read_text())["num_hidden_layers"]
+    wanted = S.kept_layers(n_layers, drop)
     student_dir = out_dir / "student_base"
-    if (student_dir / "config.json").exists():
-        kept = json.loads((student_dir / "config.json").read_text())["distiller_kept_layers"]
-        return str(student_dir), kept
-    kept = S.make_dropped_student(model_path(spec.teacher.model), student_dir, drop)
-    return str(student_dir), kept
+    config = student_dir / "config.json"
+    # Reused only when it holds the very layers asked for (drop_layers may have changed).
+    if not config.exists() or json.loads(config.read_text()).get("distiller_kept_layers") != wanted:
+        S.make_dropped_student(teacher_dir, student_dir, drop)
+    return str(student_dir), wanted
 
 
-def _reference_logprobs(model, pairs, cfg) -> tuple[np.ndarray, np.ndarray]:
+def _reference_logprobs(
+    model: nn.Module, pairs: list[tuple[B.Example, B.Example]], batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Sequence log-probs of chosen/rejected under the frozen reference (the untrained model)."""
     model.eval()
     ch, rj = np.zeros(len(pairs), np.float32), np.zeros(len(pairs), np.float32)
-    for i in range(0, len(pairs), cfg.batch_size):
-        b = ST.to_mx(B.collate_pairs(pairs[i : i + cfg.batch_size], cfg.pad_to))
+    for i in range(0, len(pairs), batch_size):
+        b = ST.to_mx(B.collate_pairs(pairs[i : i + batch_size]))
         lp = R.pair_logprobs(model, b)
         n = lp.shape[0] // 2
         ch[i : i + n], rj[i : i + n] = np.array(lp[:n]), np.array(lp[n:])
@@ -217,117 +177,46 @@ def _reference_logprobs(model, pairs, cfg) -> tuple[np.ndarray, np.ndarray]:
     return ch, rj
 
 
-def train(
-    spec: Any,
-    dataset_dir: str | Path,
-    out_dir: str | Path,
-    resume: bool = True,
-    *,
-    progress: bool = True,
-    config: TrainConfig | None = None,
-) -> TrainResult:
-    """Train the spec's student on ``dataset_dir`` (from ``prepare``) into ``out_dir``."""
-    cfg = config or config_from_spec(spec)
-    dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    mx.random.seed(cfg.seed)
-
-    base, kept = _prepare_student(spec, cfg, out_dir)
-    model, tokenizer = load_model(base)
-
-    # ---- data
-    if cfg.route == "dpo":
-        files = [dataset_dir / f for f in PAIR_FILES]
-        if not files[0].exists():
-            raise UserError(
-                f"{files[0]}: no preference pairs (run `distiller prepare` with route dpo)"
-            )
-        train_pairs = B.load_pair_examples(files[0], tokenizer, cfg.max_seq_length)
-        valid_pairs = (
-            B.load_pair_examples(files[1], tokenizer, cfg.max_seq_length)
-            if files[1].exists()
-            else []
-        )
-        lengths = [max(len(a.tokens), len(b.tokens)) for a, b in train_pairs]
-        n_train = len(train_pairs)
-    else:
-        train_file, valid_file = dataset_dir / "train.jsonl", dataset_dir / "valid.jsonl"
-        if not train_file.exists():
-            raise UserError(f"{train_file}: not found (run `distiller prepare` first)")
-        train_ex = B.load_chat_examples(train_file, tokenizer, cfg.max_seq_length)
-        valid_ex = (
-            B.load_chat_examples(valid_file, tokenizer, cfg.max_seq_length)
-            if valid_file.exists()
-            else []
-        )
-        lengths = [len(e.tokens) for e in train_ex]
-        n_train = len(train_ex)
-    if n_train == 0:
-        raise UserError(f"{dataset_dir}: the training split is empty")
-    groups = B.make_batches(lengths, cfg.batch_size)
-    accum = max(1, int(cfg.grad_accumulation))
-    if cfg.iters:
-        total_steps = int(cfg.iters)
-    else:
-        total_steps = max(1, math.ceil(float(cfg.epochs or 1) * len(groups) / accum))
-
-    # ---- model + adapter
-    adapter_cfg = LR.adapter_config(model, _get(spec.student, "lora"), cfg.full_finetune, base)
-    LR.prepare_trainable(model, adapter_cfg)
-    model.train()
-
-    if cfg.route == "logit-kd":
+def _loss_for_route(
+    spec: TaskSpec, model: nn.Module, tokenizer: Any, kept: list[int] | None
+) -> Callable:
+    student = spec.student
+    if student.route == "logit-kd":
+        kd = _kd(student)
         teacher, teacher_tok = load_model(spec.teacher.model)
         teacher.freeze()
         teacher.eval()
         check_same_vocabulary(tokenizer, teacher_tok, model, teacher)
         n_s, n_t = len(model.layers), len(teacher.layers)
-        lmap = S.layer_map_for(cfg.layer_map, n_s, n_t, kept) if cfg.gamma else {}
-        loss_fn = R.make_kd_loss(teacher, cfg, lmap)
-    elif cfg.route == "dpo":
-        loss_fn = R.make_dpo_loss(cfg.dpo_beta)
-    else:
-        loss_fn = R.sft_loss
+        layer_map = S.layer_map_for(kd.layer_map, n_s, n_t, kept) if kd.gamma else {}
+        return R.make_kd_loss(teacher, kd, layer_map)
+    if student.route == "dpo":
+        return R.make_dpo_loss(_dpo(student).beta)
+    return sft_loss
 
-    def make_batch(idx: list[int], data, ref=None) -> dict:
-        if cfg.route != "dpo":
-            return B.collate([data[i] for i in idx], cfg.pad_to)
-        b = B.collate_pairs([data[i] for i in idx], cfg.pad_to)
-        b["ref_chosen"], b["ref_rejected"] = ref[0][idx], ref[1][idx]
-        return b
 
-    # The reference for DPO is the model before any update: LoRA starts as an exact no-op.
-    if cfg.route == "dpo":
-        ref_train = _reference_logprobs(model, train_pairs, cfg)
-        ref_valid = _reference_logprobs(model, valid_pairs, cfg) if valid_pairs else None
-        train_data, valid_data = train_pairs, valid_pairs
-    else:
-        ref_train = ref_valid = None
-        train_data, valid_data = train_ex, valid_ex
-    valid_lengths = [
-        len(e[0].tokens) if isinstance(e, tuple) else len(e.tokens) for e in valid_data
-    ]
-    val_batches = [
-        make_batch(g, valid_data, ref_valid) for g in B.make_batches(valid_lengths, cfg.batch_size)
-    ]
+def train(
+    spec: TaskSpec,
+    dataset_dir: str | Path,
+    out_dir: str | Path,
+    resume: bool = True,
+    *,
+    progress: bool = True,
+    runtime: TrainRuntime | None = None,
+) -> TrainResult:
+    """Train the spec's student on ``dataset_dir`` (from ``prepare``) into ``out_dir``."""
+    runtime = runtime or TrainRuntime()
+    student, t = spec.student, spec.student.train
+    route = student.route
+    if route not in ROUTES:  # the parser refuses it; a spec built in code may not have been parsed
+        raise UserError(f"student.route must be one of {', '.join(ROUTES)}, got {route!r}")
+    dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
 
-    optimizer = optim.AdamW(
-        learning_rate=ST.build_schedule(cfg, total_steps), weight_decay=cfg.weight_decay
-    )
-    optimizer.init(model.trainable_parameters())
-
-    # ---- resume
-    step, rows, best, best_step, bad_evals, stopped, resumed_from = (
-        0,
-        [],
-        None,
-        None,
-        0,
-        False,
-        None,
-    )
-    # A checkpoint only continues the run that wrote it: same settings, same data.
-    run_key = C.run_key(cfg, adapter_cfg, dataset_dir)
+    # A checkpoint only continues the run that wrote it: same settings, same data. Checked
+    # before anything is built, so a refused run leaves out_dir as it was.
+    settings = run_settings(spec)
+    run_key = C.run_key(settings, dataset_dir)
     state_file = C.ckpt_dir(out_dir) / "state.json"
     if (
         resume
@@ -338,6 +227,72 @@ def train(
             f"{out_dir}: holds a checkpoint of a different run (training settings or data "
             "changed); use another output dir, or --no-resume to start over"
         )
+
+    mx.random.seed(t.seed)
+    base, kept = _prepare_student(spec, out_dir)
+    model, tokenizer = load_model(base)
+
+    # ---- data
+    if route == "dpo":
+        files = [dataset_dir / f for f in PAIR_FILES]
+        if not files[0].exists():
+            raise UserError(
+                f"{files[0]}: no preference pairs (run `distiller prepare` with route dpo)"
+            )
+        train_data = B.load_pair_examples(files[0], tokenizer, t.max_seq_length)
+        valid_data = (
+            B.load_pair_examples(files[1], tokenizer, t.max_seq_length) if files[1].exists() else []
+        )
+        lengths = [max(len(a.tokens), len(b.tokens)) for a, b in train_data]
+        valid_lengths = [max(len(a.tokens), len(b.tokens)) for a, b in valid_data]
+    else:
+        train_file, valid_file = dataset_dir / "train.jsonl", dataset_dir / "valid.jsonl"
+        if not train_file.exists():
+            raise UserError(f"{train_file}: not found (run `distiller prepare` first)")
+        train_data = B.load_chat_examples(train_file, tokenizer, t.max_seq_length)
+        valid_data = (
+            B.load_chat_examples(valid_file, tokenizer, t.max_seq_length)
+            if valid_file.exists()
+            else []
+        )
+        lengths = [len(e.tokens) for e in train_data]
+        valid_lengths = [len(e.tokens) for e in valid_data]
+    if not train_data:
+        raise UserError(f"{dataset_dir}: the training split is empty")
+    groups = B.make_batches(lengths, t.batch_size)
+    total_steps = int(t.iters) if t.iters else max(1, math.ceil(float(t.epochs or 1) * len(groups)))
+
+    # ---- model + adapter
+    adapter_cfg = LR.adapter_config(model, student.lora, student.full_finetune, base)
+    LR.prepare_trainable(model, adapter_cfg)
+    model.train()
+    loss_fn = _loss_for_route(spec, model, tokenizer, kept)
+
+    # The reference for DPO is the model before any update: LoRA starts as an exact no-op.
+    ref_train = ref_valid = None
+    if route == "dpo":
+        ref_train = _reference_logprobs(model, train_data, t.batch_size)
+        ref_valid = _reference_logprobs(model, valid_data, t.batch_size) if valid_data else None
+
+    def make_batch(idx: list[int], data: list, ref: tuple[np.ndarray, np.ndarray] | None) -> dict:
+        if route != "dpo":
+            return B.collate([data[i] for i in idx])
+        b = B.collate_pairs([data[i] for i in idx])
+        b["ref_chosen"], b["ref_rejected"] = ref[0][idx], ref[1][idx]
+        return b
+
+    val_batches = [
+        make_batch(g, valid_data, ref_valid) for g in B.make_batches(valid_lengths, t.batch_size)
+    ]
+
+    optimizer = optim.AdamW(
+        learning_rate=ST.build_schedule(t, total_steps), weight_decay=t.weight_decay
+    )
+    optimizer.init(model.trainable_parameters())
+
+    # ---- resume
+    step, resumed_from, rows = 0, None, []
+    best, best_step, bad_evals, stopped = None, None, 0, False
     state = C.load_checkpoint(out_dir, model, optimizer) if resume else None
     if state is not None:
         step, resumed_from = state["step"], state["step"]
@@ -348,18 +303,17 @@ def train(
         for f in C.ckpt_dir(out_dir).iterdir():
             f.unlink()
 
-    step_fn = ST.make_train_step(
+    step_fn = make_train_step(
         model,
         optimizer,
         loss_fn,
-        compile=cfg.compile,
-        grad_accumulation=accum,
-        grad_clip=cfg.grad_clip,
-        workers=cfg.workers,
-        split=B.split_pairs if cfg.route == "dpo" else B.split_rows,
+        compile=runtime.compile,
+        grad_clip=t.grad_clip,
+        workers=runtime.workers,
+        split=B.split_pairs if route == "dpo" else B.split_rows,
     )
 
-    def checkpoint_extra():
+    def checkpoint_extra() -> dict[str, Any]:
         return {
             "best_val": best,
             "best_step": best_step,
@@ -375,7 +329,7 @@ def train(
     bar = tqdm(
         total=total_steps,
         initial=step,
-        desc=f"train {cfg.route}",
+        desc=f"train {route}",
         unit="step",
         disable=not progress,
         dynamic_ncols=True,
@@ -386,27 +340,22 @@ def train(
     with C.StopFlag() as flag:
         try:
             while step < total_steps and not stopped:
-                micro = [
-                    make_batch(
-                        B.batch_for_step(groups, step * accum + j, cfg.seed), train_data, ref_train
-                    )
-                    for j in range(accum)
-                ]
+                batch = make_batch(B.batch_for_step(groups, step, t.seed), train_data, ref_train)
                 # Dropout randomness is a function of (seed, step), so a resumed run draws
                 # exactly what an uninterrupted one would (MLX cannot restore a saved key).
-                mx.random.seed(cfg.seed * 1_000_003 + step)
+                mx.random.seed(t.seed * 1_000_003 + step)
                 tic = time.perf_counter()
-                loss = step_fn(*micro)
+                loss = step_fn(batch)
                 window_time += time.perf_counter() - tic
                 step += 1
                 last_loss = loss.item()
                 window_loss += last_loss
                 window_steps += 1
-                window_toks += sum(B.token_count(b) for b in micro)
+                window_toks += B.token_count(batch)
                 do_eval = bool(val_batches) and (
-                    step % cfg.steps_per_eval == 0 or step == total_steps
+                    step % t.steps_per_eval == 0 or step == total_steps
                 )
-                if do_eval or step % cfg.steps_per_report == 0 or step == total_steps:
+                if do_eval or step % runtime.steps_per_report == 0 or step == total_steps:
                     row = {
                         "step": step,
                         "train_loss": window_loss / window_steps,
@@ -417,18 +366,17 @@ def train(
                         "elapsed_s": time.perf_counter() - t_start,
                     }
                     if do_eval:
-                        val = ST.evaluate(model, loss_fn, val_batches, cfg.val_batches)
+                        val = ST.evaluate(model, loss_fn, val_batches)
                         row["val_loss"] = val
+                        # Only a strict improvement is a new best: ties keep the earlier one.
                         if best is None or val < best:
                             best, best_step, bad_evals = val, step, 0
-                            if cfg.keep == "best":
+                            if t.keep == "best":
                                 LR.save_adapter(out_dir, model, adapter_cfg)
                         else:
                             bad_evals += 1
-                            if (
-                                cfg.early_stopping_patience
-                                and bad_evals >= cfg.early_stopping_patience
-                            ):
+                            patience = t.early_stopping_patience
+                            if patience is not None and bad_evals >= patience:
                                 stopped = True
                     rows.append(row)
                     C.write_metrics(out_dir, rows)
@@ -439,7 +387,7 @@ def train(
                     )
                     window_loss, window_steps, window_toks, window_time = 0.0, 0, 0, 0.0
                 bar.update(1)
-                if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or stopped):
+                if step % t.checkpoint_every == 0 or stopped:
                     C.save_checkpoint(out_dir, step, model, optimizer, checkpoint_extra())
                 if flag.set:
                     C.save_checkpoint(out_dir, step, model, optimizer, checkpoint_extra())
@@ -448,13 +396,13 @@ def train(
             bar.close()
 
     C.save_checkpoint(out_dir, step, model, optimizer, checkpoint_extra())
-    if best is None or cfg.keep == "last":  # (without validation data the last is all there is)
+    if best is None or t.keep == "last":  # (without validation data the last is all there is)
         LR.save_adapter(out_dir, model, adapter_cfg)
     C.write_metrics(out_dir, rows)
     result = TrainResult(
         adapter_dir=str(out_dir),
         base_model=base,
-        route=cfg.route,
+        route=route,
         steps=step,
         total_steps=total_steps,
         best_val_loss=best,
@@ -467,8 +415,7 @@ def train(
         metrics=rows,
     )
     summary = {k: v for k, v in asdict(result).items() if k != "metrics"}
-    summary["config"] = asdict(cfg)
-    LR.atomic_write_text(
-        out_dir / "train_result.json", json.dumps(summary, indent=2, default=str) + "\n"
-    )
+    summary["settings"] = canonical(settings)
+    summary["runtime"] = asdict(runtime)
+    atomic_write(out_dir / "train_result.json", json.dumps(summary, indent=2) + "\n")
     return result
