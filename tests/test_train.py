@@ -4,6 +4,7 @@ early stopping, layer-dropped students, vocabulary check."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -22,7 +23,7 @@ from distiller.errors import UserError
 from distiller.spec import load_spec
 from distiller.train import batches as B
 from distiller.train import train
-from distiller.train.students import kept_layers, make_dropped_student
+from distiller.train.students import kept_layers, layer_map_for, make_dropped_student
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -127,7 +128,9 @@ def test_sft_trains_and_writes_adapter_metrics(tmp_path, tiny_model_dir):
     rows = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert [row["step"] for row in rows] == [10, 20, 30]
     vals = [row["val_loss"] for row in rows]
-    assert vals[-1] < vals[0]  # it learns the pattern
+    # It learns the pattern: every validation answer has the training answers' form ("The
+    # answer is N."), so its loss falls far more than rounding differences between CPUs move it.
+    assert vals[-1] < vals[0]
     assert all(row["tokens_per_s"] > 0 and row["peak_memory_gb"] > 0 for row in rows)
     assert (tmp_path / "out" / "metrics.csv").read_text().startswith("step,train_loss,val_loss,lr")
     # the adapter opens with plain mlx_lm and differs from the base
@@ -238,27 +241,56 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, tiny_model_dir):
     assert (out / "checkpoint" / f"step-{step}.weights.safetensors").exists()
 
 
+def write_unscored_validation(ds: Path) -> None:
+    """Replace the validation split with conversations whose prompt alone is longer than the
+    ``max_seq_length: 64`` of the runs using it: truncation leaves no answer token to score, so
+    the validation loss is exactly 0 at every evaluation (an all-masked batch scores 0). No
+    evaluation then improves on the first one (only a strict improvement is a new best),
+    whatever the weights are: which evaluation is best does not depend on the trajectory."""
+    long_prompt = "Please think about this carefully. " * 20
+    rows = [json.loads(line) for line in (ds / "valid.jsonl").read_text().splitlines()]
+    for row in rows:
+        row["messages"][0]["content"] = long_prompt + row["messages"][0]["content"]
+    (ds / "valid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def adapter_weights(out: Path) -> dict[str, mx.array]:
+    return mx.load(str(out / "adapters.safetensors"))
+
+
+def same_weights(a: dict[str, mx.array], b: dict[str, mx.array]) -> bool:
+    assert a.keys() == b.keys()
+    return all(mx.array_equal(a[k], b[k]).item() for k in a)
+
+
 def test_early_stopping_keeps_best_adapter(tmp_path, tiny_model_dir):
-    # a huge learning rate makes validation loss worse after the first eval
-    spec = load_spec(
-        write_spec(
-            tmp_path / "s.yaml",
-            tiny_model_dir,
-            route="sft",
-            lora="{rank: 8, alpha: 64}",
-            train="{iters: 200, batch_size: 4, learning_rate: 0.5, steps_per_eval: 5, "
-            "early_stopping_patience: 2, checkpoint_every: 100}",
-        )
+    common = (
+        "batch_size: 4, learning_rate: 1.0e-2, schedule: constant, max_seq_length: 64, "
+        "steps_per_eval: 5, checkpoint_every: 100"
     )
-    r = train(spec, write_dataset(tmp_path / "ds"), tmp_path / "out", progress=False)
-    assert r.stopped_early and r.steps < 200
+    train_cfg = f"{{iters: 200, early_stopping_patience: 2, {common}}}"
+    spec = load_spec(write_spec(tmp_path / "s.yaml", tiny_model_dir, route="sft", train=train_cfg))
+    ds = write_dataset(tmp_path / "ds")
+    write_unscored_validation(ds)
+    r = train(spec, ds, tmp_path / "out", progress=False)
     rows = json.loads((tmp_path / "out" / "metrics.json").read_text())
     vals = [(row["step"], row["val_loss"]) for row in rows if row["val_loss"] is not None]
-    best_step, best_val = min(vals, key=lambda sv: sv[1])
-    assert (r.best_step, r.best_val_loss) == (best_step, pytest.approx(best_val))
-    assert r.steps == vals[-1][0] and len([s for s, v in vals if s > best_step]) == 2
+    # The evaluation at step 5 is the best; 10 and 15 do not improve on it: patience 2 is out.
+    assert vals == [(5, 0.0), (10, 0.0), (15, 0.0)]
+    assert r.stopped_early and r.steps == 15
+    assert (r.best_step, r.best_val_loss) == (5, 0.0)
+    # The adapter holds the weights of step 5: those a 5-step run (same seed, data order and
+    # constant learning rate, so the same first 5 updates) ends with; not the step-15 weights.
+    five = write_spec(
+        tmp_path / "five.yaml", tiny_model_dir, route="sft", train=f"{{iters: 5, {common}}}"
+    )
+    train(load_spec(five), ds, tmp_path / "five", progress=False)
+    kept = adapter_weights(tmp_path / "out")
+    assert same_weights(kept, adapter_weights(tmp_path / "five"))
+    last = mx.load(str(tmp_path / "out" / "checkpoint" / "step-15.weights.safetensors"))
+    assert not same_weights(kept, last)
     # resuming a finished (early-stopped) run does nothing more
-    again = train(spec, tmp_path / "ds", tmp_path / "out", progress=False)
+    again = train(spec, ds, tmp_path / "out", progress=False)
     assert again.steps == r.steps
 
 
@@ -275,8 +307,11 @@ def test_dpo_moves_policy_towards_chosen(tmp_path, tiny_model_dir):
     )
     r = train(spec, write_dataset(tmp_path / "ds", pairs=True), tmp_path / "out", progress=False)
     rows = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    # DPO loss starts at ln 2 (policy == reference) and drops below it
-    assert rows[0]["train_loss"] < 0.7 and r.best_val_loss < 0.69
+    # DPO loss starts at ln 2 (policy == reference) and drops below it. Every pair, training or
+    # validation, rejects the same answer: pushing it down lowers each validation pair's loss,
+    # so the drop is large, not a matter of the trajectory's details.
+    assert rows[0]["train_loss"] < math.log(2)
+    assert r.best_val_loss < 0.5 * math.log(2)
 
 
 def test_kept_layers_variants():
@@ -285,6 +320,16 @@ def test_kept_layers_variants():
     assert kept_layers(5, [1, 3]) == [0, 2, 4]
     with pytest.raises(UserError):
         kept_layers(4, [0, 1, 2, 3])
+
+
+def test_layer_map_from_the_spec():
+    # kd.layer_map as the spec gives it: (student, teacher) pairs, used as they are
+    assert layer_map_for(((0, 1), (2, 3)), 3, 4) == {0: 1, 2: 3}
+    # "auto": a layer-dropped student maps to the blocks it kept, others spread evenly
+    assert layer_map_for("auto", 3, 4, kept=[0, 2, 3]) == {0: 0, 1: 2, 2: 3}
+    assert layer_map_for("auto", 2, 4) == {0: 1, 1: 3}
+    with pytest.raises(UserError, match="out of range"):
+        layer_map_for(((0, 9),), 3, 4)
 
 
 def test_logit_kd_with_layer_dropped_student(tmp_path, tiny_model_factory):
@@ -313,6 +358,8 @@ def test_logit_kd_with_layer_dropped_student(tmp_path, tiny_model_factory):
         sw["model.layers.1.mlp.up_proj.weight"], tw["model.layers.2.mlp.up_proj.weight"]
     )
     assert r.base_model == str(student_dir) and r.steps == 10
+    # Validation prompts and answers have the training ones' form, so the loss (answers and
+    # the teacher's distributions) falls far more than rounding differences move it.
     vals = [
         row["val_loss"]
         for row in json.loads((out / "metrics.json").read_text())
@@ -366,21 +413,28 @@ def test_train_cli_refuses_zero_workers(tmp_path, tiny_model_dir):
 
 
 def test_keep_last_writes_the_final_weights(tmp_path, tiny_model_dir):
-    train_cfg = "{iters: 20, batch_size: 4, learning_rate: 1.0e-2, steps_per_eval: 5, checkpoint_every: 20, keep: last}"
-    spec = load_spec(write_spec(tmp_path / "s.yaml", tiny_model_dir, route="sft", train=train_cfg))
+    train_cfg = (
+        "{iters: 20, batch_size: 4, learning_rate: 1.0e-2, max_seq_length: 64, steps_per_eval: 5, "
+        "checkpoint_every: 20, keep: KEEP}"
+    )
     ds = write_dataset(tmp_path / "ds")
-    # Validation answers the training answers contradict: validation loss is best at the first
-    # evaluation and rises after it, so the best adapter is not the last one.
-    rows = [json.loads(line) for line in (ds / "valid.jsonl").read_text().splitlines()]
-    for row in rows:
-        row["messages"][-1]["content"] = "Nope, no idea at all."
-    (ds / "valid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    r = train(spec, ds, tmp_path / "out", progress=False)
-    assert r.steps == 20 and r.best_step < 20
-    final = mx.load(str(tmp_path / "out" / "checkpoint" / "step-20.weights.safetensors"))
-    kept = mx.load(str(tmp_path / "out" / "adapters.safetensors"))
-    assert final.keys() == kept.keys()
-    assert all(mx.array_equal(final[k], kept[k]).item() for k in final)
+    # Every evaluation ties with the first, so the best adapter is the step-5 one by design.
+    write_unscored_validation(ds)
+    runs = {}
+    for keep in ("last", "best"):
+        path = write_spec(
+            tmp_path / f"{keep}.yaml",
+            tiny_model_dir,
+            route="sft",
+            train=train_cfg.replace("KEEP", keep),
+        )
+        r = train(load_spec(path), ds, tmp_path / keep, progress=False)
+        assert r.steps == 20 and (r.best_step, r.best_val_loss) == (5, 0.0)
+        runs[keep] = adapter_weights(tmp_path / keep)
+    final = mx.load(str(tmp_path / "last" / "checkpoint" / "step-20.weights.safetensors"))
+    assert same_weights(runs["last"], final)
+    # ... and that is not what keep: best writes (the step-5 weights).
+    assert not same_weights(runs["best"], final)
 
 
 def test_spec_refuses_an_unknown_keep(tmp_path, tiny_model_dir):
