@@ -1,11 +1,15 @@
-"""Writing files so that a crash or Ctrl-C never leaves a half-written one behind."""
+"""Writing files and directories so that a crash or Ctrl-C never leaves a half-written one."""
 
 from __future__ import annotations
 
+import glob
 import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_dir", "atomic_write"]
 
 
 def atomic_write(path: str | Path, data: str | bytes, *, durable: bool = True) -> Path:
@@ -27,3 +31,52 @@ def atomic_write(path: str | Path, data: str | bytes, *, durable: bool = True) -
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Build a directory whole or not at all: yields an empty temporary sibling of ``path`` to
+    fill; when the block ends without an exception it takes ``path``'s place, otherwise it is
+    removed. A kill at any moment leaves ``path`` old or new (or, between the two renames that
+    swap them, absent), never a mix; what a killed build left beside it is removed next time.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_siblings(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    _remove(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if os.path.lexists(path):
+            os.replace(path, old)  # aside in one rename: deleting in place could be cut short
+        os.replace(tmp, path)
+    finally:
+        _remove(tmp)
+        _remove(old)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _remove_stale_siblings(path: Path) -> None:
+    """Temporary and set-aside siblings of ``path`` whose process is gone."""
+    for sibling in path.parent.glob(f".{glob.escape(path.name)}.*-*"):
+        kind, _, pid = sibling.name[len(path.name) + 2 :].partition("-")
+        if kind in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)):
+            _remove(sibling)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
