@@ -1,4 +1,8 @@
-"""Tokenize chat / preference data and cut it into length-sorted, padded batches.
+"""Read, check and tokenize chat / preference data, and cut it into length-sorted, padded batches.
+
+The training files are checked once, where they are read: ``read_chat_rows`` and
+``read_pair_rows`` refuse anything but their row format (``CHAT_ROW``, ``PAIR_ROW``) in one line
+naming the file, the line and what was there, so tokenizing never meets a malformed row.
 
 A batch is a dict of int32/float32 arrays (numpy until it reaches the step): ``inputs`` and
 ``targets`` (B, L) with L a multiple of ``pad_to`` (few distinct shapes keep ``mx.compile``
@@ -19,6 +23,15 @@ import numpy as np
 
 from distiller.errors import UserError
 
+# What a row must be, as the messages say it.
+CHAT_ROW = '{"messages": [{"role", "content"}, ..., {"role": "assistant", "content"}]}'
+PAIR_ROW = '{"prompt": text or [{"role", "content"}, ...], "chosen": text, "rejected": text}'
+ROLES = ("system", "user", "assistant")
+# A line of only these is blank (skipped); any other character is for the JSON parser to judge.
+_JSON_SPACE = " \t\r"
+
+Message = dict[str, str]
+
 
 @dataclass
 class Example:
@@ -26,61 +39,229 @@ class Example:
     offset: int  # index of the first supervised token (prompt tokens come before it)
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
+@dataclass(frozen=True)
+class ChatRow:
+    where: str  # "file:line", for messages about the row after it was read
+    messages: tuple[Message, ...]
+
+
+@dataclass(frozen=True)
+class PairRow:
+    where: str
+    prompt: tuple[Message, ...]
+    chosen: str
+    rejected: str
+
+
+class _Shape(Exception):
+    """What is wrong with a row's shape; the reader adds the file, the line and the format."""
+
+
+def describe(value: Any) -> str:
+    """A JSON value as a refusal shows it: short, and in JSON's words."""
+    if isinstance(value, dict):
+        keys = ", ".join(json.dumps(k) for k in list(value)[:4])
+        more = ", ..." if len(value) > 4 else ""
+        return f"an object with keys {keys}{more}" if value else "an empty object"
+    if isinstance(value, list):
+        return f"a list of {len(value)}" if value else "an empty list"
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, str):
+        text = json.dumps(value, ensure_ascii=False)
+        if not _encodable(text):  # keep an unpaired surrogate escaped: it cannot be printed
+            text = json.dumps(value)
+        shown = text if len(text) <= 40 else text[:36] + '..."'
+        return f"the string {shown}"
+    if isinstance(value, int | float):
+        text = repr(value)
+        return f"the number {text if len(text) <= 24 else text[:20] + '...'}"
+    return type(value).__name__
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def read_jsonl(path: str | Path) -> list[tuple[int, Any]]:
+    """(line number, value) for every non-blank line of a JSONL file: line numbers are the
+    file's own (blank lines count), so an editor's "go to line" lands on the row."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except IsADirectoryError:
+        raise UserError(
+            f"{path}: a directory, expected a JSONL file (one JSON object per line)"
+        ) from None
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read: {exc.strerror or exc}") from None
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+    # Split on b"\n" only: U+2028 and other characters str.splitlines() breaks at are valid
+    # inside a JSON string, and an editor does not count them as lines either.
+    for lineno, raw in enumerate(data.split(b"\n"), 1):
+        try:
+            line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+        except UnicodeDecodeError as exc:
+            raise UserError(
+                f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                f"{exc.start + 1})"
+            ) from None
+        if not line.strip(_JSON_SPACE):
+            continue
+        try:
+            rows.append((lineno, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+        except (ValueError, RecursionError) as exc:  # an over-long integer, too deep nesting
+            reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+            raise UserError(f"{path}:{lineno}: not a JSON value we can read ({reason})") from None
     return rows
 
 
-def encode_chat(tokenizer: Any, messages: list[dict], max_seq_length: int) -> Example:
-    """Tokens of a whole conversation; loss only on the final assistant turn."""
-    if not messages or messages[-1].get("role") != "assistant":
-        raise UserError("a training conversation must end with an assistant message")
-    full = tokenizer.apply_chat_template(messages, return_dict=False)
-    prompt = tokenizer.apply_chat_template(
-        messages[:-1], add_generation_prompt=True, return_dict=False
+def _text(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise _Shape(f"{what}: {describe(value)}")
+    if not _encodable(value):  # an unpaired surrogate escape such as "\ud800": not text
+        raise _Shape(f"{what}: a string with an unpaired surrogate escape")
+    return value
+
+
+def _messages(value: Any, what: str) -> tuple[Message, ...]:
+    if not isinstance(value, list) or not value:
+        raise _Shape(f"{what}: {describe(value)}")
+    out = []
+    for i, m in enumerate(value):
+        here = f"{what}[{i}]"
+        if not isinstance(m, dict):
+            raise _Shape(f"{here}: {describe(m)}")
+        for key in ("role", "content"):
+            if key not in m:
+                raise _Shape(f"{here} without {json.dumps(key)}")
+        role = _text(m["role"], f"{here}.role")
+        if role not in ROLES:
+            raise _Shape(f"{here}.role: {describe(role)} (roles: {', '.join(ROLES)})")
+        out.append({"role": role, "content": _text(m["content"], f"{here}.content")})
+    return tuple(out)
+
+
+def _object(value: Any, keys: tuple[str, ...]) -> dict:
+    if not isinstance(value, dict):
+        raise _Shape(describe(value))
+    missing = [json.dumps(k) for k in keys if k not in value]
+    if missing:
+        raise _Shape(f"{describe(value)} (no {', '.join(missing)})")
+    return value
+
+
+def _chat_row(where: str, value: Any) -> ChatRow:
+    messages = _messages(_object(value, ("messages",))["messages"], "messages")
+    if messages[-1]["role"] != "assistant":
+        raise _Shape(f"a last message with role {json.dumps(messages[-1]['role'])}")
+    if len(messages) < 2:
+        raise _Shape("an assistant message with nothing before it")
+    return ChatRow(where, messages)
+
+
+def _pair_row(where: str, value: Any) -> PairRow:
+    row = _object(value, ("prompt", "chosen", "rejected"))
+    prompt = row["prompt"]
+    if isinstance(prompt, str):
+        messages: tuple[Message, ...] = ({"role": "user", "content": _text(prompt, "prompt")},)
+    else:
+        messages = _messages(prompt, "prompt")
+    return PairRow(
+        where, messages, _text(row["chosen"], "chosen"), _text(row["rejected"], "rejected")
     )
+
+
+def _read_rows(path: str | Path, fmt: str, check: Any) -> list:
+    rows = []
+    for lineno, value in read_jsonl(path):
+        where = f"{path}:{lineno}"
+        try:
+            rows.append(check(where, value))
+        except _Shape as exc:
+            raise UserError(f"{where}: expected {fmt}, got {exc}") from None
+    return rows
+
+
+def read_chat_rows(path: str | Path) -> list[ChatRow]:
+    """The conversations of a train.jsonl / valid.jsonl, each checked against ``CHAT_ROW``."""
+    return _read_rows(path, CHAT_ROW, _chat_row)
+
+
+def read_pair_rows(path: str | Path) -> list[PairRow]:
+    """The preference pairs of a pairs_*.jsonl, each checked against ``PAIR_ROW``."""
+    return _read_rows(path, PAIR_ROW, _pair_row)
+
+
+def encode_chat(
+    tokenizer: Any, messages: list[Message] | tuple[Message, ...], max_seq_length: int
+) -> Example:
+    """Tokens of a whole conversation; loss only on the final assistant turn.
+
+    ``messages`` have the shape ``read_chat_rows`` checks; what the model's chat template itself
+    refuses (a role it does not know, say) is a ``UserError`` too.
+    """
+    messages = list(messages)
+    if len(messages) < 2 or messages[-1].get("role") != "assistant":
+        raise UserError("a training conversation must end with an assistant message answering one")
+    try:
+        full = tokenizer.apply_chat_template(messages, return_dict=False)
+        prompt = tokenizer.apply_chat_template(
+            messages[:-1], add_generation_prompt=True, return_dict=False
+        )
+    except Exception as exc:  # jinja2's TemplateError, or what a template's code raises
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"the model's chat template refused the conversation: {reason}") from None
     return Example(list(full[:max_seq_length]), min(len(prompt), max_seq_length))
 
 
+def encode_chat_rows(rows: list[ChatRow], tokenizer: Any, max_seq_length: int) -> list[Example]:
+    return [_encode(row.where, tokenizer, row.messages, max_seq_length) for row in rows]
+
+
+def encode_pair_rows(
+    rows: list[PairRow], tokenizer: Any, max_seq_length: int
+) -> list[tuple[Example, Example]]:
+    """(chosen, rejected) examples: the prompt's messages, then each answer as the assistant's."""
+    return [
+        (
+            _encode(row.where, tokenizer, (*row.prompt, _answer(row.chosen)), max_seq_length),
+            _encode(row.where, tokenizer, (*row.prompt, _answer(row.rejected)), max_seq_length),
+        )
+        for row in rows
+    ]
+
+
+def _answer(text: str) -> Message:
+    return {"role": "assistant", "content": text}
+
+
+def _encode(
+    where: str, tokenizer: Any, messages: tuple[Message, ...], max_seq_length: int
+) -> Example:
+    try:
+        return encode_chat(tokenizer, messages, max_seq_length)
+    except UserError as exc:
+        raise UserError(f"{where}: {exc}") from None
+
+
 def load_chat_examples(path: str | Path, tokenizer: Any, max_seq_length: int) -> list[Example]:
-    out = []
-    for lineno, row in enumerate(read_jsonl(path), 1):
-        if "messages" not in row:
-            raise UserError(f"{path}:{lineno}: expected a 'messages' list")
-        try:
-            out.append(encode_chat(tokenizer, row["messages"], max_seq_length))
-        except UserError as exc:
-            raise UserError(f"{path}:{lineno}: {exc}") from None
-    return out
+    return encode_chat_rows(read_chat_rows(path), tokenizer, max_seq_length)
 
 
 def load_pair_examples(
     path: str | Path, tokenizer: Any, max_seq_length: int
 ) -> list[tuple[Example, Example]]:
-    """DPO pairs {"prompt", "chosen", "rejected"} (prompt: text or a list of messages)."""
-    out = []
-    for lineno, row in enumerate(read_jsonl(path), 1):
-        missing = [k for k in ("prompt", "chosen", "rejected") if k not in row]
-        if missing:
-            raise UserError(f"{path}:{lineno}: missing {', '.join(missing)}")
-        prompt = row["prompt"]
-        msgs = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-        pair = tuple(
-            encode_chat(
-                tokenizer, [*msgs, {"role": "assistant", "content": row[k]}], max_seq_length
-            )
-            for k in ("chosen", "rejected")
-        )
-        out.append(pair)
-    return out
+    """DPO pairs (``PAIR_ROW``; the prompt is a text or a list of messages)."""
+    return encode_pair_rows(read_pair_rows(path), tokenizer, max_seq_length)
 
 
 def _pad_len(n: int, pad_to: int) -> int:

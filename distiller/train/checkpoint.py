@@ -2,6 +2,8 @@
 
 A checkpoint is valid only once ``checkpoint/state.json`` (written last, atomically) names its
 step, so a kill at any moment leaves either the previous or the new checkpoint, never a mix.
+Likewise the run's result: ``train_result.json`` is removed when a run starts and written when
+it ends, so the adapter beside it is a finished run's only while it is there.
 """
 
 from __future__ import annotations
@@ -17,13 +19,43 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
+from distiller.errors import UserError
 from distiller.files import atomic_write
 from distiller.hashing import stable_hash
 from distiller.train import lora as LR
 
+RESULT_FILE = "train_result.json"
+
 
 def ckpt_dir(out_dir: Path) -> Path:
     return out_dir / "checkpoint"
+
+
+def unfinished(out_dir: str | Path) -> bool:
+    """An adapter dir of a ``distiller train`` run that has not ended (killed, interrupted, or
+    still going): it holds a checkpoint but no ``train_result.json``."""
+    out_dir = Path(out_dir)
+    return ckpt_dir(out_dir).is_dir() and not (out_dir / RESULT_FILE).exists()
+
+
+def read_state(out_dir: Path) -> dict | None:
+    """The last checkpoint's ``state.json`` (None when there is none); a damaged one is refused."""
+    path = ckpt_dir(out_dir) / "state.json"
+    if not path.exists():
+        return None
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # not UTF-8, not JSON, unreadable
+        raise _damaged(out_dir, f"{path.name}: {exc}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise _damaged(out_dir, f"{path.name} names no step")
+    return state
+
+
+def _damaged(out_dir: Path, reason: str) -> UserError:
+    return UserError(
+        f"{ckpt_dir(out_dir)}: damaged checkpoint ({reason}); use --no-resume to start over"
+    )
 
 
 def save_checkpoint(out_dir: Path, step: int, model, optimizer, extra: dict) -> None:
@@ -43,14 +75,17 @@ def save_checkpoint(out_dir: Path, step: int, model, optimizer, extra: dict) -> 
 
 def load_checkpoint(out_dir: Path, model, optimizer) -> dict | None:
     d = ckpt_dir(out_dir)
-    if not (d / "state.json").exists():
+    state = read_state(out_dir)
+    if state is None:
         return None
-    state = json.loads((d / "state.json").read_text())
     step = state["step"]
-    model.load_weights(
-        list(mx.load(str(d / f"step-{step}.weights.safetensors")).items()), strict=False
-    )
-    opt_state = mx.load(str(d / f"step-{step}.optimizer.safetensors"))
+    try:
+        weights = mx.load(str(d / f"step-{step}.weights.safetensors"))
+        opt_state = mx.load(str(d / f"step-{step}.optimizer.safetensors"))
+        model.load_weights(list(weights.items()), strict=False)
+    except (OSError, ValueError, RuntimeError) as exc:  # missing, truncated, other shapes
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise _damaged(out_dir, f"step {step}: {reason}") from None
     optimizer.state = tree_unflatten(list(opt_state.items()))
     mx.eval(model.parameters(), optimizer.state)
     return state
@@ -94,6 +129,11 @@ def run_key(settings: Any, dataset_dir: Path) -> str:
     A checkpoint carries it, and only a run with the same key may continue from it."""
     data = hashlib.sha256()
     for f in sorted(dataset_dir.glob("*.jsonl")):
+        if not f.is_file():
+            continue
         data.update(f.name.encode())
-        data.update(f.read_bytes())
+        try:
+            data.update(f.read_bytes())
+        except OSError as exc:
+            raise UserError(f"{f}: cannot read: {exc.strerror or exc}") from None
     return stable_hash([settings, data.hexdigest()], 16)

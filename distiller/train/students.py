@@ -17,7 +17,11 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from distiller.errors import UserError
+from distiller.files import atomic_dir
+from distiller.models.check import read_json_object
 
+# Side files of the teacher's dir that the student's are not copies of.
+_REWRITTEN = ("config.json", "model.safetensors.index.json")
 _LAYER_KEY = re.compile(r"^(model\.layers\.)(\d+)(\..*)$")
 
 
@@ -84,16 +88,34 @@ def layer_map_for(
     return out
 
 
+def layer_count(model_dir: Path) -> int:
+    """``num_hidden_layers`` of a model dir's config.json, checked."""
+    path = model_dir / "config.json"
+    n = read_json_object(path, "model config").get("num_hidden_layers")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise UserError(f"{path}: num_hidden_layers: expected a positive integer, got {n!r}")
+    return n
+
+
+def cached_kept_layers(student_dir: Path) -> list[int] | None:
+    """The teacher blocks a layer-dropped student built earlier holds (None: there is none)."""
+    try:
+        kept = json.loads((student_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # absent or damaged: built again
+        return None
+    return kept.get("distiller_kept_layers") if isinstance(kept, dict) else None
+
+
 def make_dropped_student(teacher_dir: str | Path, out_dir: str | Path, drop: Any) -> list[int]:
     """Write a model dir holding only the kept blocks of ``teacher_dir``; returns kept indices.
 
     Works on the weight files directly (no model instantiation), so it is cheap and keeps any
-    quantization as is. Tokenizer and other side files are copied unchanged.
+    quantization as is. Tokenizer and other side files are copied unchanged. The dir is built
+    in a temporary sibling and renamed into place (``atomic_dir``): whole or not at all.
     """
-    teacher_dir, out_dir = Path(teacher_dir), Path(out_dir)
-    config = json.loads((teacher_dir / "config.json").read_text())
-    n = int(config["num_hidden_layers"])
-    keep = kept_layers(n, drop)
+    teacher_dir = Path(teacher_dir)
+    config = read_json_object(teacher_dir / "config.json", "model config")
+    keep = kept_layers(layer_count(teacher_dir), drop)
     new_index = {old: new for new, old in enumerate(keep)}
     weights: dict[str, mx.array] = {}
     for f in sorted(teacher_dir.glob("*.safetensors")):
@@ -103,24 +125,16 @@ def make_dropped_student(teacher_dir: str | Path, out_dir: str | Path, drop: Any
                 weights[k] = v
             elif int(m.group(2)) in new_index:
                 weights[f"{m.group(1)}{new_index[int(m.group(2))]}{m.group(3)}"] = v
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for f in teacher_dir.iterdir():
-        if (
-            f.is_file()
-            and f.suffix != ".safetensors"
-            and f.name
-            not in (
-                "config.json",
-                "model.safetensors.index.json",
-            )
-        ):
-            shutil.copy2(f, out_dir / f.name)
     config["num_hidden_layers"] = len(keep)
     if isinstance(config.get("layer_types"), list):
         config["layer_types"] = [config["layer_types"][i] for i in keep]
     config["distiller_kept_layers"] = keep
-    mx.save_safetensors(str(out_dir / "model.safetensors"), weights, metadata={"format": "mlx"})
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    with atomic_dir(out_dir) as tmp:
+        for f in teacher_dir.iterdir():
+            if f.is_file() and f.suffix != ".safetensors" and f.name not in _REWRITTEN:
+                shutil.copy2(f, tmp / f.name)
+        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return keep
 
 

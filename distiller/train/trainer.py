@@ -9,7 +9,8 @@ Layout of ``out_dir`` (the adapter directory ``mlx_lm.load(base, adapter_path=ou
   adapters.safetensors, adapter_config.json  the result: best adapter so far (lowest validation
                                              loss), or the final one with keep: last
   metrics.csv, metrics.json                  one row per report step
-  train_result.json                          summary written when the run ends
+  train_result.json                          summary written when the run ends (removed when
+                                             one starts: it marks the adapter as finished)
   checkpoint/state.json                      last checkpoint: step, early-stopping state, metrics
   checkpoint/step-N.{weights,optimizer}.safetensors
 Modules: ``step`` (the compiled update), ``routes`` (loss per route), ``checkpoint``
@@ -45,6 +46,7 @@ from distiller.train import students as S
 from distiller.train.routes import sft_loss
 from distiller.train.step import make_train_step
 
+CHAT_FILES = ("train.jsonl", "valid.jsonl")
 PAIR_FILES = ("pairs_train.jsonl", "pairs_valid.jsonl")
 
 
@@ -143,6 +145,48 @@ def check_same_vocabulary(
         )
 
 
+# ---------------------------------------------------------------------------- data
+
+
+def read_splits(dataset_dir: Path, route: str) -> tuple[list, list]:
+    """The checked rows of the training and validation files the route trains on (the chat
+    files, or the preference pairs for dpo), read before any model is built: bad data is
+    refused at once, naming the file and line."""
+    if not dataset_dir.exists():
+        raise UserError(f"{dataset_dir}: no such dataset dir (run `distiller prepare` first)")
+    if not dataset_dir.is_dir():
+        raise UserError(f"{dataset_dir}: not a directory; expected a dataset dir from `prepare`")
+    dpo = route == "dpo"
+    train_file, valid_file = (dataset_dir / name for name in (PAIR_FILES if dpo else CHAT_FILES))
+    if not train_file.exists():
+        hint = "run `distiller prepare` with route dpo" if dpo else "run `distiller prepare` first"
+        raise UserError(f"{train_file}: not found ({hint})")
+    if not valid_file.exists():
+        raise UserError(
+            f"{valid_file}: not found; `distiller prepare` writes it (empty when the split has "
+            "no validation prompts)"
+        )
+    read = B.read_pair_rows if dpo else B.read_chat_rows
+    train_rows = read(train_file)
+    if not train_rows:
+        raise UserError(
+            f"{train_file}: no rows to train on; expected one {B.PAIR_ROW if dpo else B.CHAT_ROW} "
+            "per line"
+        )
+    return train_rows, read(valid_file)
+
+
+def _make_out_dir(out_dir: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir}: a file, expected the adapter dir to write")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(
+            f"{out_dir}: cannot create the adapter dir: {exc.strerror or exc}"
+        ) from None
+
+
 # ---------------------------------------------------------------------------- train
 
 
@@ -152,12 +196,11 @@ def _prepare_student(spec: TaskSpec, out_dir: Path) -> tuple[str, list[int] | No
     if drop is None:
         return str(spec.student.model), None
     teacher_dir = resolve_model(spec.teacher.model)
-    n_layers = json.loads((teacher_dir / "config.json").read_text())["num_hidden_layers"]
-    wanted = S.kept_layers(n_layers, drop)
+    wanted = S.kept_layers(S.layer_count(teacher_dir), drop)
     student_dir = out_dir / "student_base"
-    config = student_dir / "config.json"
-    # Reused only when it holds the very layers asked for (drop_layers may have changed).
-    if not config.exists() or json.loads(config.read_text()).get("distiller_kept_layers") != wanted:
+    # Reused only when it holds the very layers asked for (drop_layers may have changed); it
+    # is built whole or not at all, so a kill never leaves one to reuse with missing weights.
+    if S.cached_kept_layers(student_dir) != wanted:
         S.make_dropped_student(teacher_dir, student_dir, drop)
     return str(student_dir), wanted
 
@@ -211,22 +254,21 @@ def train(
     if route not in ROUTES:  # the parser refuses it; a spec built in code may not have been parsed
         raise UserError(f"student.route must be one of {', '.join(ROUTES)}, got {route!r}")
     dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    train_rows, valid_rows = read_splits(dataset_dir, route)
+    _make_out_dir(out_dir)
 
     # A checkpoint only continues the run that wrote it: same settings, same data. Checked
     # before anything is built, so a refused run leaves out_dir as it was.
     settings = run_settings(spec)
     run_key = C.run_key(settings, dataset_dir)
-    state_file = C.ckpt_dir(out_dir) / "state.json"
-    if (
-        resume
-        and state_file.exists()
-        and json.loads(state_file.read_text()).get("run_key") != run_key
-    ):
+    previous = C.read_state(out_dir) if resume else None
+    if previous is not None and previous.get("run_key") != run_key:
         raise UserError(
             f"{out_dir}: holds a checkpoint of a different run (training settings or data "
             "changed); use another output dir, or --no-resume to start over"
         )
+    # From here until the run ends the adapter is in the making: train_result.json says done.
+    (out_dir / C.RESULT_FILE).unlink(missing_ok=True)
 
     mx.random.seed(t.seed)
     base, kept = _prepare_student(spec, out_dir)
@@ -234,31 +276,15 @@ def train(
 
     # ---- data
     if route == "dpo":
-        files = [dataset_dir / f for f in PAIR_FILES]
-        if not files[0].exists():
-            raise UserError(
-                f"{files[0]}: no preference pairs (run `distiller prepare` with route dpo)"
-            )
-        train_data = B.load_pair_examples(files[0], tokenizer, t.max_seq_length)
-        valid_data = (
-            B.load_pair_examples(files[1], tokenizer, t.max_seq_length) if files[1].exists() else []
-        )
+        train_data = B.encode_pair_rows(train_rows, tokenizer, t.max_seq_length)
+        valid_data = B.encode_pair_rows(valid_rows, tokenizer, t.max_seq_length)
         lengths = [max(len(a.tokens), len(b.tokens)) for a, b in train_data]
         valid_lengths = [max(len(a.tokens), len(b.tokens)) for a, b in valid_data]
     else:
-        train_file, valid_file = dataset_dir / "train.jsonl", dataset_dir / "valid.jsonl"
-        if not train_file.exists():
-            raise UserError(f"{train_file}: not found (run `distiller prepare` first)")
-        train_data = B.load_chat_examples(train_file, tokenizer, t.max_seq_length)
-        valid_data = (
-            B.load_chat_examples(valid_file, tokenizer, t.max_seq_length)
-            if valid_file.exists()
-            else []
-        )
+        train_data = B.encode_chat_rows(train_rows, tokenizer, t.max_seq_length)
+        valid_data = B.encode_chat_rows(valid_rows, tokenizer, t.max_seq_length)
         lengths = [len(e.tokens) for e in train_data]
         valid_lengths = [len(e.tokens) for e in valid_data]
-    if not train_data:
-        raise UserError(f"{dataset_dir}: the training split is empty")
     groups = B.make_batches(lengths, t.batch_size)
     total_steps = int(t.iters) if t.iters else max(1, math.ceil(float(t.epochs or 1) * len(groups)))
 
@@ -417,5 +443,5 @@ def train(
     summary = {k: v for k, v in asdict(result).items() if k != "metrics"}
     summary["settings"] = canonical(settings)
     summary["runtime"] = asdict(runtime)
-    atomic_write(out_dir / "train_result.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write(out_dir / C.RESULT_FILE, json.dumps(summary, indent=2) + "\n")
     return result
