@@ -397,21 +397,6 @@ def test_make_dropped_student_roundtrip(tmp_path, tiny_model_factory):
     assert len(model.layers) == 3 and os.path.exists(tmp_path / "s" / "tokenizer.json")
 
 
-def test_train_cli_refuses_zero_workers(tmp_path, tiny_model_dir):
-    spec = write_spec(tmp_path / "s.yaml", tiny_model_dir, route="sft")
-    ds = write_dataset(tmp_path / "ds")
-    proc = subprocess.run(
-        [*_train_cmd(spec, ds, tmp_path / "out"), "--workers", "0"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode != 0
-    assert "--workers must be at least 1, got 0" in proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "out" / "adapters.safetensors").exists()
-
-
 def test_keep_last_writes_the_final_weights(tmp_path, tiny_model_dir):
     train_cfg = (
         "{iters: 20, batch_size: 4, learning_rate: 1.0e-2, max_seq_length: 64, steps_per_eval: 5, "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 
+from distiller.cli_types import out_dir, positive_int
 from distiller.train.step import make_train_step
 from distiller.train.trainer import TrainResult, TrainRuntime, train
 
@@ -26,15 +27,17 @@ __all__ = [
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("spec", help="task spec (YAML)")
     parser.add_argument("--data", required=True, help="dataset dir written by `distiller prepare`")
-    parser.add_argument("--out", required=True, help="adapter dir to write (checkpoints, metrics)")
+    parser.add_argument(
+        "--out", required=True, type=out_dir, help="adapter dir to write (checkpoints, metrics)"
+    )
     parser.add_argument(
         "--no-resume", action="store_true", help="ignore an existing checkpoint in --out"
     )
-    parser.add_argument("--iters", type=int, help="override student.train.iters")
+    parser.add_argument("--iters", type=positive_int, help="override student.train.iters")
     parser.add_argument("--no-compile", action="store_true", help="run the step without mx.compile")
     parser.add_argument(
         "--workers",
-        type=int,
+        type=positive_int,
         metavar="N",
         help="batch shards computed at once on separate CPU streams (default: one per core on "
         "the CPU, one on a GPU; 1 = no sharding). The update is the same either way.",
@@ -43,24 +46,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "A checkpoint is written every student.train.checkpoint_every steps and on Ctrl-C; running\n"
         "the same command again resumes from it. The adapter in --out is the one with the lowest\n"
         "validation loss, or the final one with student.train.keep: last. --no-compile and\n"
-        "--workers change how the run computes, not what it trains: a resumed run may change them."
+        "--workers change how the run computes, not what it trains: a resumed run may change them.\n"
+        "train_result.json in --out marks a finished run; `distiller fuse` refuses an unfinished one."
     )
 
 
 def run_cli(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from distiller.errors import UserError
     from distiller.spec import load_spec
 
     spec = load_spec(args.spec)
     if args.iters is not None:
-        if args.iters < 1:
-            raise UserError(f"--iters must be at least 1, got {args.iters}")
         train_spec = replace(spec.student.train, iters=args.iters, epochs=None)
         spec = replace(spec, student=replace(spec.student, train=train_spec))
-    if args.workers is not None and args.workers < 1:
-        raise UserError(f"--workers must be at least 1, got {args.workers}")
     runtime = TrainRuntime(compile=not args.no_compile, workers=args.workers)
     r = train(spec, args.data, args.out, resume=not args.no_resume, runtime=runtime)
     val = f"{r.best_val_loss:.4f} at step {r.best_step}" if r.best_val_loss is not None else "n/a"
