@@ -9,6 +9,7 @@ the code that reads it, nothing in between.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -28,6 +29,10 @@ class Decoding:
     forbids completing an n-gram already generated (line breaks exempt); ``repetition_penalty``
     is mlx-lm/vLLM style. Both shape logits, so they exist only where the logits are ours (local
     models); an endpoint gets ``repetition_penalty`` as the vLLM extension and refuses n-grams.
+    ``json_schema`` constrains decoding token by token to JSON the schema accepts
+    (``distiller.constrain``); it holds the schema as compact JSON text (a mapping given is
+    turned into it), so the value stays hashable. An endpoint gets it as OpenAI's
+    ``response_format``.
     """
 
     temperature: float = 0.0
@@ -37,10 +42,18 @@ class Decoding:
     stop: tuple[str, ...] = ()
     no_repeat_ngram: int = 0
     repetition_penalty: float | None = None
+    json_schema: str | None = None
 
     def __post_init__(self) -> None:
         # A list given for ``stop`` would make the value unhashable (and unequal to its tuple).
         object.__setattr__(self, "stop", tuple(self.stop))
+        if self.json_schema is not None:
+            from distiller.constrain import canonical_schema
+
+            # One text per schema, so equal schemas make equal values and cache keys; what is
+            # wrong with one that is not JSON, problems() says.
+            with contextlib.suppress(TypeError, ValueError):
+                object.__setattr__(self, "json_schema", canonical_schema(self.json_schema))
         problems = self.problems()
         if problems:
             raise ValueError("; ".join(problems))
@@ -69,6 +82,16 @@ class Decoding:
             )
         if any(not isinstance(s, str) for s in self.stop):
             out.append(f"stop: expected strings, got {list(self.stop)!r}")
+        if self.json_schema is not None:
+            from distiller.constrain import schema_problem
+
+            problem = (
+                schema_problem(self.json_schema)
+                if isinstance(self.json_schema, str)
+                else f"JSON text or a mapping, got {type(self.json_schema).__name__}"
+            )
+            if problem:
+                out.append(f"json_schema: expected {problem}")
         return out
 
     @property
@@ -77,8 +100,13 @@ class Decoding:
 
     @property
     def shapes_logits(self) -> bool:
-        """Whether logits processors run (n-gram ban or a repetition penalty other than 1)."""
-        return bool(self.no_repeat_ngram) or self.repetition_penalty not in (None, 1.0)
+        """Whether logits processors run (n-gram ban, a repetition penalty other than 1, or a
+        JSON schema)."""
+        return (
+            bool(self.no_repeat_ngram)
+            or self.repetition_penalty not in (None, 1.0)
+            or self.json_schema is not None
+        )
 
     def replace(self, **changes: Any) -> Decoding:
         """A copy with ``changes`` applied; ``None`` values are ignored (unset CLI options)."""
@@ -151,6 +179,13 @@ def add_decoding_arguments(parser: argparse.ArgumentParser, defaults: Decoding |
         help="end the answer at TEXT, where \\n and \\t stand for a line break and a tab "
         f"(repeatable; --stop '' for none; {shown('stop', 'the spec eval.stop')})",
     )
+    g.add_argument(
+        "--json-schema",
+        default=None,
+        metavar="FILE",
+        help="constrain the answer, token by token, to JSON this schema file (JSON or YAML) "
+        "accepts (default: the spec eval.json_schema, else none)",
+    )
 
 
 def decoding_from_args(args: argparse.Namespace, base: Decoding = GREEDY) -> Decoding:
@@ -168,6 +203,8 @@ def decoding_from_args(args: argparse.Namespace, base: Decoding = GREEDY) -> Dec
     }
     if args.stop is not None:
         changes["stop"] = tuple(cli_text(x) for x in args.stop if x)
+    if args.json_schema is not None:
+        changes["json_schema"] = _schema_from_file(args.json_schema, "--json-schema")
     try:
         return base.replace(**changes)
     except ValueError as exc:
@@ -176,3 +213,16 @@ def decoding_from_args(args: argparse.Namespace, base: Decoding = GREEDY) -> Dec
         for name in changes:
             text = text.replace(f"{name}:", f"--{name.replace('_', '-')}:")
         raise UserError(text) from None
+
+
+def _schema_from_file(path: str, what: str) -> dict[str, Any]:
+    """The JSON Schema in the JSON or YAML file ``path``, read and checked the way the
+    ``json_schema`` validator reads its ``schema_file``; a problem is a ``UserError`` that
+    starts with ``what`` (the option or key naming the file)."""
+    from distiller.errors import UserError
+    from distiller.validators import ParamError, check_params
+
+    try:
+        return check_params("json_schema", {"schema_file": path})["schema"]
+    except ParamError as exc:  # problems inside the file are SpecErrors naming file and line
+        raise UserError(f"{what}: expected {exc.expected}") from None

@@ -259,10 +259,16 @@ def _processors(tokenizer: Any, decoding: Decoding, n: int) -> list[list[LogitsP
     if not decoding.shapes_logits:
         return None
     exempt = whitespace_token_ids(tokenizer) if decoding.no_repeat_ngram else ()
-    return [
+    shaping = [
         make_logits_processors(decoding.no_repeat_ngram, decoding.repetition_penalty, exempt)
         for _ in range(n)
     ]
+    if decoding.json_schema is None:
+        return shaping
+    from distiller.constrain import json_schema_processor
+
+    # The schema has the last word: shaping runs inside it, on the tokens the schema allows.
+    return [[json_schema_processor(tokenizer, decoding.json_schema, s)] for s in shaping]
 
 
 def _check_prompts(prompts: Sequence[Sequence[int]]) -> None:

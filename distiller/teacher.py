@@ -113,12 +113,12 @@ def teacher_config(spec: TaskSpec, backend: Backend) -> tuple[str, dict]:
         "teacher": identity,
         "system_prompt": t.system_prompt,
         "few_shot": [list(fs) for fs in t.few_shot],
-        # Logit shaping and stop strings enter the hash only when on, so stores made before
-        # they existed stay valid.
+        # Logit shaping, stop strings and a JSON schema enter the hash only when on, so stores
+        # made before they existed stay valid.
         "decoding": {
             k: v
             for k, v in asdict(t.decoding).items()
-            if not (k in ("no_repeat_ngram", "repetition_penalty", "stop") and not v)
+            if not (k in ("no_repeat_ngram", "repetition_penalty", "stop", "json_schema") and not v)
         },
     }
     config = config_hash(setup)

@@ -10,6 +10,7 @@ spec names, sent only in the Authorization header, and scrubbed from every error
 from __future__ import annotations
 
 import email.utils
+import json
 import os
 import random
 import threading
@@ -161,6 +162,17 @@ class OpenAICompatBackend:
         if d.repetition_penalty is not None:
             # Not in OpenAI's API, but vLLM, mlx_lm.server and others accept it as an extension.
             body["repetition_penalty"] = d.repetition_penalty
+        if d.json_schema is not None:
+            # OpenAI's structured outputs (vLLM and llama.cpp servers take the same field);
+            # strict: the server constrains decoding to the schema, as a local model does.
+            body["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {
+                    "name": "response",
+                    "schema": json.loads(d.json_schema),
+                    "strict": True,
+                },
+            }
         return body
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:

@@ -41,6 +41,7 @@ _ENDPOINT = (
 )  # fmt: skip
 _DECODING = (
     "temperature", "top_p", "max_tokens", "seed", "no_repeat_ngram", "repetition_penalty", "stop",
+    "json_schema",
 )  # fmt: skip
 _STUDENT = (
     "model", "route", "prompt_style", "lora", "full_finetune", "train", "kd", "drop_layers", "dpo", "quantize",
@@ -56,8 +57,8 @@ _DROP_LAYERS = ("keep_every", "keep")
 _QUANTIZE = ("bits", "group_size")
 _SPLIT = ("train", "valid", "test", "seed", "stratify_by")
 _EVAL = (
-    "max_tokens", "no_repeat_ngram", "repetition_penalty", "stop", "thresholds", "prompt_sets",
-    "batch_size", "dev",
+    "max_tokens", "no_repeat_ngram", "repetition_penalty", "stop", "json_schema", "thresholds",
+    "prompt_sets", "batch_size", "dev",
 )  # fmt: skip
 
 
@@ -137,7 +138,7 @@ def _teacher_decoding(d: Map) -> Decoding:
 
 def _with_logit_shaping(m: Map, decoding: Decoding) -> Decoding:
     """``decoding`` with ``m``'s ``no_repeat_ngram`` (0 or >= 2), ``repetition_penalty`` (> 0 or
-    absent) and ``stop`` (a string or a list of them)."""
+    absent), ``stop`` (a string or a list of them) and ``json_schema``."""
     n = m.int("no_repeat_ngram", 0, lo=0)
     if n == 1:
         raise m.err("no_repeat_ngram", "0 (off) or an n-gram length >= 2, got 1")
@@ -148,8 +149,43 @@ def _with_logit_shaping(m: Map, decoding: Decoding) -> Decoding:
     if not isinstance(stop, list) or not all(isinstance(x, str) and x for x in stop):
         raise m.err("stop", f"a non-empty string or a list of them, got {describe(stop)}")
     return dataclasses.replace(
-        decoding, no_repeat_ngram=n, repetition_penalty=penalty, stop=tuple(stop)
+        decoding,
+        no_repeat_ngram=n,
+        repetition_penalty=penalty,
+        stop=tuple(stop),
+        json_schema=_json_schema(m),
     )
+
+
+def _json_schema(m: Map) -> str | None:
+    """``m``'s ``json_schema`` (a schema file relative to the spec, or an inline mapping), read
+    and checked as the json_schema validator's schema is, as the text ``Decoding`` holds."""
+    from distiller import validators as V
+    from distiller.constrain import canonical_schema, schema_problem
+
+    value = m.raw("json_schema")
+    if value is None:
+        return None
+    if isinstance(value, str):
+        params = {"schema_file": str(resolve_path(m.doc.path.parent, value))}
+    elif isinstance(value, dict):
+        params = {"schema": value}
+    else:
+        raise m.err(
+            "json_schema", f"a schema file or an inline schema mapping, got {describe(value)}"
+        )
+    try:
+        schema = V.check_params("json_schema", params)["schema"]
+        text = canonical_schema(schema)
+    except V.ParamError as e:
+        where = e.key.removeprefix("schema_file").removeprefix("schema")
+        raise m.err(f"json_schema{where}", e.expected) from None
+    except (TypeError, ValueError) as e:  # a YAML value JSON cannot hold (a date, nan)
+        raise m.err("json_schema", f"a schema of plain JSON values ({e})") from None
+    problem = schema_problem(text)
+    if problem is not None:
+        raise m.err("json_schema", problem)
+    return text
 
 
 def _few_shot(m: Map, base: Path) -> tuple[FewShot, ...]:
