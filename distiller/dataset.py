@@ -26,17 +26,20 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import re
 import statistics
 import unicodedata
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from distiller import cli_types
 from distiller.errors import UserError
+from distiller.files import atomic_dir
 from distiller.spec import Prompt, SplitSpec, TaskSpec, TeacherSpec
 
 SPLITS = ("train", "valid", "test")
@@ -235,11 +238,10 @@ def _reference_text(ref: Any) -> str | None:
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    # Into the stage's temporary directory (``atomic_dir``): no per-file rename needed.
+    with open(path, "w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def _length_stats(values: list[int]) -> dict[str, float] | None:
@@ -282,6 +284,93 @@ def _file_hash(path: Path) -> str | None:
     return h.hexdigest()
 
 
+# What ``prepare`` reads from each teacher sample record (``distiller.samples``):
+# field -> (accepts the value, what was expected). Optional fields may be absent or null.
+_REQUIRED_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "prompt_id": (lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
+    "sample_index": (
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+        "an integer >= 0",
+    ),
+    "completion": (lambda v: isinstance(v, str), "a string"),
+    "accepted": (lambda v: isinstance(v, bool), "true or false"),
+}
+_OPTIONAL_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "score": (
+        lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+        "a finite number",
+    ),
+    "reasons": (lambda v: isinstance(v, list), "a list"),
+    "messages": (
+        lambda v: (
+            isinstance(v, list)
+            and all(
+                isinstance(m, dict)
+                and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str)
+                for m in v
+            )
+        ),
+        "a list of {role, content} string mappings",
+    ),
+}
+
+# Every file ``prepare`` writes: an --out directory holding anything else is not replaced.
+DATASET_FILES = (
+    *(f"{name}.jsonl" for name in SPLITS),
+    "pairs_train.jsonl",
+    "pairs_valid.jsonl",
+    "data_card.json",
+    "DATA_CARD.md",
+)
+
+
+def read_sample_records(store_path: Path) -> list[dict]:
+    """The teacher sample records of ``store_path``, each checked for the fields ``prepare``
+    reads; a bad one is a UserError naming the file and its line."""
+    from distiller.samples import SampleStore
+    from distiller.spec.yamldoc import LONE_SURROGATE, describe, encodes
+
+    if not store_path.exists():
+        raise UserError(f"{store_path}: no teacher samples (run `distiller teach` first)")
+    if not store_path.is_file():
+        raise UserError(f"{store_path}: expected a samples.jsonl file (or its directory)")
+    records = []
+    for line, rec in SampleStore(store_path, readonly=True).numbered_records():
+        for name, (ok, expected) in _REQUIRED_FIELDS.items():
+            if name not in rec:
+                raise UserError(f"{store_path}:{line}: {name}: expected {expected}, it is missing")
+            if not ok(rec[name]):
+                raise UserError(
+                    f"{store_path}:{line}: {name}: expected {expected}, got {describe(rec[name])}"
+                )
+        for name, (ok, expected) in _OPTIONAL_FIELDS.items():
+            if rec.get(name) is not None and not ok(rec[name]):
+                raise UserError(
+                    f"{store_path}:{line}: {name}: expected {expected}, got {describe(rec[name])}"
+                )
+        if not encodes(json.dumps(rec, ensure_ascii=False)):  # the dataset files are UTF-8
+            raise UserError(f"{store_path}:{line}: expected {LONE_SURROGATE}")
+        records.append(rec)
+    return records
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    """``out_dir`` is absent, empty or a dataset ``prepare`` wrote: replacing it loses nothing
+    of the user's (``--out .`` must not delete a working directory)."""
+    if not out_dir.is_dir():
+        return
+    foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in DATASET_FILES)
+    if foreign:
+        listing = ", ".join(foreign[:3]) + (
+            f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        )
+        raise UserError(
+            f"{out_dir}: expected an empty directory or one `distiller prepare` wrote, but it "
+            f"holds {listing}; choose another --out"
+        )
+
+
 def prepare_dataset(
     spec: TaskSpec,
     store_path: str | Path,
@@ -291,19 +380,19 @@ def prepare_dataset(
     on_leak: str = "move",
     tokenizer: Any = None,
 ) -> DatasetInfo:
-    """Split the spec's prompts, attach each prompt's kept teacher sample, write the files."""
-    from distiller.samples import SampleStore
+    """Split the spec's prompts, attach each prompt's kept teacher sample, write the files.
+
+    ``out_dir`` appears whole or not at all (``atomic_dir``): a run killed at any point leaves
+    the previous dataset there, never new split files beside an old data card.
+    """
+    from distiller.samples import select_kept
 
     store_path, out_dir = Path(store_path), Path(out_dir)
     if store_path.is_dir():
         store_path = store_path / "samples.jsonl"
-    if not store_path.exists():
-        raise UserError(f"{store_path}: no teacher samples (run `distiller teach` first)")
-    store = SampleStore(store_path, readonly=True)
-    records = list(store.records())
+    _check_replaceable(out_dir)
     known = {p.id for p in spec.prompts}
-    records = [r for r in records if r.get("prompt_id") in known]
-    from distiller.samples import select_kept
+    records = [r for r in read_sample_records(store_path) if r["prompt_id"] in known]
 
     kept = select_kept(records, spec.teacher.keep)
     by_prompt: dict[str, list[dict]] = {}
@@ -313,7 +402,6 @@ def prepare_dataset(
     splits, leaks = resolve_leaks(split_prompts(spec.prompts, spec.split), threshold, on_leak)
     style = spec.student.prompt_style
     route = spec.student.route
-    out_dir.mkdir(parents=True, exist_ok=True)
 
     rows: dict[str, list[dict]] = {}
     pairs: dict[str, list[dict]] = {"train": [], "valid": []}
@@ -370,14 +458,6 @@ def prepare_dataset(
         )
         rows["test"].append(row)
 
-    for name in SPLITS:
-        _write_jsonl(out_dir / f"{name}.jsonl", rows[name])
-    for name in ("train", "valid"):
-        path = out_dir / f"pairs_{name}.jsonl"
-        if route == "dpo" or pairs["train"]:
-            _write_jsonl(path, pairs[name])
-        elif path.exists():
-            path.unlink()
     if route == "dpo" and not pairs["train"]:
         raise UserError(
             f"{store_path}: route dpo needs preference pairs, but no train prompt has both an accepted "
@@ -387,8 +467,16 @@ def prepare_dataset(
     card = _data_card(
         spec, store_path, records, kept, splits, rows, pairs, leaks, threshold, on_leak, tokenizer
     )
-    (out_dir / "data_card.json").write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n")
-    (out_dir / "DATA_CARD.md").write_text(_card_markdown(card))
+    with atomic_dir(out_dir) as tmp:
+        for name in SPLITS:
+            _write_jsonl(tmp / f"{name}.jsonl", rows[name])
+        if route == "dpo" or pairs["train"]:
+            for name in ("train", "valid"):
+                _write_jsonl(tmp / f"pairs_{name}.jsonl", pairs[name])
+        (tmp / "data_card.json").write_text(
+            json.dumps(card, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
+        (tmp / "DATA_CARD.md").write_text(_card_markdown(card), encoding="utf-8")
     counts = {name: len(rows[name]) for name in SPLITS}
     counts.update({f"pairs_{n}": len(pairs[n]) for n in ("train", "valid")})
     return DatasetInfo(str(out_dir), counts, leaks, card)
@@ -543,7 +631,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--samples", required=True, help="teacher sample store (samples.jsonl or its dir)"
     )
-    parser.add_argument("--out", required=True, help="dataset dir to write")
+    parser.add_argument(
+        "--out",
+        required=True,
+        type=cli_types.out_dir,
+        help="dataset dir to write (replaced whole: empty, or one prepare wrote)",
+    )
     parser.add_argument(
         "--on-leak",
         choices=("move", "fail"),
@@ -552,9 +645,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--threshold",
-        type=float,
+        type=cli_types.fraction,
         default=DEFAULT_THRESHOLD,
-        help=f"near-duplicate Jaccard threshold (default {DEFAULT_THRESHOLD})",
+        help=f"near-duplicate Jaccard threshold in (0, 1] (default {DEFAULT_THRESHOLD})",
     )
 
 

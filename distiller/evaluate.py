@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from distiller import cli_types
 from distiller import metrics as M
 from distiller.decoding import Decoding, add_decoding_arguments, decoding_from_args
 from distiller.errors import UserError
@@ -606,22 +607,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="bare: the prompt alone (students); scaffold: with the teacher's system prompt "
         "and few-shot turns (default: bare)",
     )
-    parser.add_argument("--out", type=Path, help="per-sample JSONL (metrics: <out>.metrics.json)")
-    parser.add_argument("--limit", type=int, help="evaluate only the first N prompts")
-    parser.add_argument("--batch-size", type=int, help="default: the spec's eval.batch_size")
+    parser.add_argument(
+        "--out", type=cli_types.out_file, help="per-sample JSONL (metrics: <out>.metrics.json)"
+    )
+    parser.add_argument(
+        "--limit", type=cli_types.positive_int, help="evaluate only the first N prompts"
+    )
+    parser.add_argument(
+        "--batch-size", type=cli_types.positive_int, help="default: the spec's eval.batch_size"
+    )
     add_decoding_arguments(parser, None)
     parser.add_argument(
-        "--latency", type=int, default=0, metavar="N", help="also time N prompts single-stream"
+        "--latency",
+        type=cli_types.non_negative_int,
+        default=0,
+        metavar="N",
+        help="also time N prompts single-stream",
     )
 
 
 def run_cli(args: argparse.Namespace) -> int:
     from distiller.spec import load_spec
 
-    for opt in ("limit", "batch_size"):
-        value = getattr(args, opt)
-        if value is not None and value <= 0:
-            raise UserError(f"--{opt.replace('_', '-')} must be > 0, got {value}")
     spec = load_spec(args.task)
     decoding = decoding_from_args(args, spec.eval.decoding)
     if decoding != spec.eval.decoding:

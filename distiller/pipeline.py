@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from distiller import cli_types
+from distiller.files import atomic_dir, atomic_write
 from distiller.models import model_fingerprint
 from distiller.spec import Prompt, TaskSpec, load_spec, stable_hash
 
@@ -51,31 +53,49 @@ def run_stage(
     resumable: bool = False,
     log: Callable[[str], None] = print,
 ) -> StageResult:
-    """Run `build(stage_dir)` unless `stage_dir` already holds this exact key's output.
+    """Run `build(dir)` unless `stage_dir` already holds this exact key's output.
 
-    `resumable` stages keep a partial directory from an interrupted run with the same key
-    (their own stores skip finished work); others start from an empty directory.
+    A stage is complete when its ``stage.json`` carries the key. Other stages build in an
+    empty temporary directory that replaces `stage_dir` whole, ``stage.json`` included
+    (``atomic_dir``): a kill leaves the previous output, never a mix. `resumable` stages
+    (teacher, train) build in place instead, keeping the partial directory of an interrupted
+    run with the same key (their own stores skip finished work), and write ``stage.json`` last.
     """
     key = stable_hash(key_inputs)
     done = _read_stage(stage_dir)
     if done and done.get("key") == key:
         log(f"[{name}] up to date ({stage_dir})")
         return StageResult(name, stage_dir, key, True, done.get("info", {}))
+    if not resumable:
+        log(f"[{name}] building -> {stage_dir}")
+        with atomic_dir(stage_dir) as tmp:
+            info = _build_and_record(name, key, tmp, build, final=stage_dir)
+        return StageResult(name, stage_dir, key, False, info)
     partial_key_file = stage_dir / ".key"
     same_partial = partial_key_file.exists() and partial_key_file.read_text() == key
-    if stage_dir.exists() and not (resumable and same_partial):
+    if stage_dir.exists() and not same_partial:
         shutil.rmtree(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
     partial_key_file.write_text(key)
-    log(f"[{name}] {'resuming' if same_partial and resumable else 'building'} -> {stage_dir}")
-    start = time.perf_counter()
-    info = build(stage_dir) or {}
-    info = {**info, "seconds": round(time.perf_counter() - start, 1)}
-    record = {"key": key, "stage": name, "finished": time.time(), "info": info}
-    tmp = stage_dir / (STAGE_FILE + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    os.replace(tmp, stage_dir / STAGE_FILE)
+    log(f"[{name}] {'resuming' if same_partial else 'building'} -> {stage_dir}")
+    info = _build_and_record(name, key, stage_dir, build)
     return StageResult(name, stage_dir, key, False, info)
+
+
+def _build_and_record(
+    name: str, key: str, out: Path, build: Callable[[Path], dict], final: Path | None = None
+) -> dict:
+    """``build(out)``, then its ``stage.json``. Paths the build reports inside ``out`` are
+    recorded as under ``final``, where ``out`` is about to be moved."""
+    start = time.perf_counter()
+    info = build(out) or {}
+    info = {**info, "seconds": round(time.perf_counter() - start, 1)}
+    if final is not None:
+        dumped = json.dumps(info, default=str)
+        info = json.loads(dumped.replace(json.dumps(str(out))[1:-1], json.dumps(str(final))[1:-1]))
+    record = {"key": key, "stage": name, "finished": time.time(), "info": info}
+    atomic_write(out / STAGE_FILE, json.dumps(record, indent=2, default=str))
+    return info
 
 
 def _teacher_key(spec: TaskSpec) -> dict:
@@ -289,10 +309,14 @@ def compare_and_report(run: RunResult, limit: int | None = None) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("spec", help="task spec (YAML), e.g. fixtures/tasks/structured_cot.yaml")
     parser.add_argument(
-        "--out", type=Path, help="run directory (default: runs/<task name>, as the pytest plugin)"
+        "--out",
+        type=cli_types.out_dir,
+        help="run directory (default: runs/<task name>, as the pytest plugin)",
     )
     parser.add_argument(
-        "--limit", type=int, help="use only the first N prompts per stage (quick trial runs)"
+        "--limit",
+        type=cli_types.positive_int,
+        help="use only the first N prompts per stage (quick trial runs)",
     )
     parser.add_argument(
         "--no-eval", action="store_true", help="stop after fusing; skip evaluation and report"

@@ -118,6 +118,12 @@ class SampleStore:
 
     def records(self) -> Iterator[dict]:
         """All complete records, in file order. A torn last line (readonly view) is skipped."""
+        for _, rec in self.numbered_records():
+            yield rec
+
+    def numbered_records(self) -> Iterator[tuple[int, dict]]:
+        """``(line, record)`` for every complete record: ``line`` counts the file's lines, blank
+        ones included, so errors about a record can name where it is."""
         if not self.path.exists():
             return
         with open(self.path, "rb") as f:
@@ -128,16 +134,20 @@ class SampleStore:
                 continue
             try:
                 rec = json.loads(raw)
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:
                 if n == len(lines) and self.readonly:
                     break  # a torn-then-newline tail a writer would cut; skip it when reading
+                if isinstance(exc, UnicodeDecodeError):
+                    exc = f"byte 0x{raw[exc.start]:02x} is not UTF-8"
+                elif isinstance(exc, RecursionError):
+                    exc = "nested too deeply"
                 raise UserError(
                     f"{self.path}:{n}: expected one JSON record per line ({exc}); "
                     "the file was edited or corrupted"
                 ) from None
-            if not isinstance(rec, dict) or "id" not in rec:
-                raise UserError(f"{self.path}:{n}: expected a JSON object with an 'id'")
-            yield rec
+            if not isinstance(rec, dict) or not isinstance(rec.get("id"), str) or not rec["id"]:
+                raise UserError(f"{self.path}:{n}: expected a JSON object with an 'id' string")
+            yield n, rec
 
     def done_ids(self) -> set[str]:
         return set(self._ids)
@@ -197,5 +207,5 @@ class SampleStore:
 def _parses(line: bytes) -> bool:
     try:
         return isinstance(json.loads(line), dict)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False

@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from distiller import cli_types
 from distiller.backends import Backend, Completion, CompletionRequest, make_backend
 from distiller.generate import build_messages
 from distiller.samples import SampleStore, config_hash, sample_id
@@ -368,11 +369,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("spec", type=Path, help="task spec (YAML)")
     parser.add_argument(
         "--out",
-        type=Path,
+        type=cli_types.out_dir,
         default=None,
         help="output directory for samples.jsonl (default: runs/<task name>/teacher)",
     )
-    parser.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    parser.add_argument(
+        "--limit", type=cli_types.positive_int, default=None, help="only the first N prompts"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.epilog = (
         "Reruns resume: attempts already in samples.jsonl are skipped. "
@@ -385,8 +388,6 @@ def run_cli(args: argparse.Namespace) -> int:
     from distiller.errors import UserError
     from distiller.spec import load_spec
 
-    if args.limit is not None and args.limit < 1:
-        raise UserError(f"--limit must be >= 1, got {args.limit}")
     spec = load_spec(args.spec)
     out = args.out or Path("runs") / spec.name / "teacher"
     try:

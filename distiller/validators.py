@@ -356,21 +356,9 @@ def _check_semantics(type_: str, p: dict[str, Any]) -> None:
         if (p["schema"] is None) == (p["schema_file"] is None):
             raise ParamError("schema", "exactly one of schema (inline) or schema_file")
         if p["schema_file"] is not None:
-            path = Path(p["schema_file"])
-            import yaml
-
-            try:
-                p["schema"] = yaml.safe_load(path.read_text(encoding="utf-8"))
-            except (OSError, yaml.YAMLError) as e:
-                raise ParamError("schema_file", f"a readable JSON/YAML schema file ({e})") from None
-            if not isinstance(p["schema"], dict):
-                raise ParamError("schema_file", "a file holding a JSON schema mapping")
-        import jsonschema
-
-        try:
-            jsonschema.validators.validator_for(p["schema"]).check_schema(p["schema"])
-        except jsonschema.SchemaError as e:
-            raise ParamError("schema", f"a valid JSON schema ({e.message})") from None
+            _load_schema_file(p)
+        else:
+            _check_schema(p["schema"], None)
     if type_ == "regex":
         if not p["must_match"] and not p["must_not_match"]:
             raise ParamError("must_match", "at least one pattern in must_match or must_not_match")
@@ -558,6 +546,55 @@ def _repetition_fn(p: dict[str, Any]) -> _CheckFn:
         return checks, None
 
     return run
+
+
+def _load_schema_file(p: dict[str, Any]) -> None:
+    """Read ``schema_file`` into ``schema``. Problems inside the file are ``SpecError``s naming
+    the file, the JSON path in it and its line (not only the spec line that names it)."""
+    from distiller.spec.yamldoc import describe, read_doc
+
+    path = Path(p["schema_file"])
+    if not path.exists() and not path.is_symlink():
+        raise ParamError("schema_file", f"an existing JSON/YAML schema file, got {path}")
+    doc = read_doc(path, what="JSON schema file")  # parse errors name the file and line
+    if not isinstance(doc.data, dict):
+        raise doc.error("", f"a JSON schema object (a mapping), got {describe(doc.data)}")
+    p["schema"] = doc.data
+    _check_schema(doc.data, doc)
+
+
+def _check_schema(schema: dict[str, Any], doc: Any) -> None:
+    """A valid JSON schema, or an error naming the JSON path of the first problem in it: in
+    the schema file ``doc`` (a ``spec.yamldoc.Doc``), else in the inline ``schema`` param."""
+    import jsonschema
+
+    def refuse(where: str, expected: str) -> Exception:
+        if doc is not None:
+            return doc.error(where, expected)
+        return ParamError(f"schema.{where}" if where else "schema", expected)
+
+    declared = schema.get("$schema")
+    if declared is None:
+        cls = jsonschema.validators.validator_for({})  # no $schema: the latest draft
+    else:  # an unknown one: jsonschema would warn, then guess a draft
+        cls = (
+            jsonschema.validators.validator_for({"$schema": declared}, default=None)
+            if isinstance(declared, str)
+            else None
+        )
+        if cls is None:
+            raise refuse(
+                "$schema",
+                "the URI of a JSON Schema draft jsonschema knows, e.g. "
+                f"https://json-schema.org/draft/2020-12/schema; got {declared!r}",
+            )
+    try:
+        cls.check_schema(schema)
+    except jsonschema.SchemaError as e:
+        where = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in e.absolute_path)
+        raise refuse(
+            where.lstrip("."), f"{_clip(e.message, 160)} (not a valid JSON schema)"
+        ) from None
 
 
 def _json_fn(p: dict[str, Any]) -> _CheckFn:

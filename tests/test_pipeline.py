@@ -10,7 +10,7 @@ import yaml
 from fake_openai import FakeOpenAI
 
 from distiller.dataset import split_prompts
-from distiller.pipeline import distill
+from distiller.pipeline import distill, run_stage
 from distiller.spec import load_spec
 
 HEADERS = ["FAILURE MODE", "NAIVE FIXES", "MECHANISM", "TRADE-OFF"]
@@ -87,3 +87,34 @@ def test_run_reuses_unchanged_stages_and_rebuilds_changed_ones(
     assert len(teacher_server.requests) == requests_after_first
     stage_record = json.loads((run_dir / "train" / "stage.json").read_text())
     assert stage_record["key"] == changed.stages["train"].key != first.stages["train"].key
+
+
+def test_a_stage_that_fails_to_rebuild_leaves_the_previous_one_whole(tmp_path):
+    """Non-resumable stages build beside their directory and replace it whole, stage.json
+    included: a failed (or killed) rebuild leaves the previous output, never a mix."""
+    stage_dir = tmp_path / "run" / "dataset"
+
+    def build_v1(out: Path) -> dict:
+        (out / "old.jsonl").write_text("v1\n")
+        return {}
+
+    first = run_stage("dataset", stage_dir, {"v": 1}, build_v1, log=lambda _: None)
+
+    def build_v2_cut_short(out: Path) -> dict:
+        (out / "new.jsonl").write_text("v2\n")
+        raise RuntimeError("cut short")
+
+    with pytest.raises(RuntimeError, match="cut short"):
+        run_stage("dataset", stage_dir, {"v": 2}, build_v2_cut_short, log=lambda _: None)
+    assert sorted(p.name for p in stage_dir.iterdir()) == ["old.jsonl", "stage.json"]
+    assert json.loads((stage_dir / "stage.json").read_text())["key"] == first.key
+    assert [p.name for p in stage_dir.parent.iterdir()] == ["dataset"]  # no temporary left
+
+    def build_v2(out: Path) -> dict:
+        (out / "new.jsonl").write_text("v2\n")
+        return {"file": str(out / "new.jsonl")}
+
+    second = run_stage("dataset", stage_dir, {"v": 2}, build_v2, log=lambda _: None)
+    assert sorted(p.name for p in stage_dir.iterdir()) == ["new.jsonl", "stage.json"]
+    assert second.info["file"] == str(stage_dir / "new.jsonl")  # where it ended up
+    assert json.loads((stage_dir / "stage.json").read_text())["info"]["file"] == second.info["file"]

@@ -16,7 +16,8 @@ Prompts (``prompts:``, each of ``eval.prompt_sets``, and ``eval.dev``) are a fil
 inline list, or a mapping ``{file | items, template, field, vary}``. Entries are strings or
 mappings. A string entry is exposed to the template as ``{<field>}`` (``field`` defaults to
 ``text``); a mapping entry's keys are all template fields, except the reserved ``id``,
-``label``, ``reference`` and ``meta``.
+``label``, ``reference`` and ``meta``. Templates take plain ``{field}`` placeholders only
+(``{{`` and ``}}`` for literal braces): no attribute access, index, conversion or format spec.
 Without a template the entry's ``<field>`` is the prompt. ``vary: {k: [v1, v2]}`` expands every
 entry once per combination of values (a product). Ids are given (``id``) or a hash of the text.
 Prompt sets given as a bare path inherit the main template; give ``template: null`` to opt out.

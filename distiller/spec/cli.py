@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from distiller.spec.sections import load_spec
+from distiller.spec.yamldoc import decode_utf8, read_text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +30,10 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.check:
         from distiller.validators import build_validator
 
-        text = sys.stdin.read() if args.check == "-" else Path(args.check).read_text("utf-8")
+        if args.check == "-":
+            text = decode_utf8(sys.stdin.buffer.read(), "<stdin>")
+        else:
+            text = read_text(Path(args.check), "text file to check")
         verdict = build_validator(spec.validators)(text)
         if args.json:
             print(json.dumps(verdict.to_dict(), indent=2))

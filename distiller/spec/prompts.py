@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from distiller.spec.schema import Prompt
-from distiller.spec.yamldoc import Doc, Map, describe, read_doc, resolve_path
+from distiller.spec.yamldoc import Doc, Map, describe, read_doc, real_path, resolve_path
 
 _RESERVED = ("id", "label", "reference", "meta")
 _PROMPTS_KEYS = ("file", "items", "template", "field", "vary")
@@ -18,6 +18,36 @@ _PROMPTS_KEYS = ("file", "items", "template", "field", "vary")
 def norm_text(text: str) -> str:
     """Text as the duplicate and held-out checks compare it: whitespace collapsed, case folded."""
     return " ".join(text.split()).casefold()
+
+
+def template_fields(template: str) -> list[str]:
+    """The field names of a template already passed by ``check_template``."""
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+
+
+def check_template(doc: Doc, key: str, template: str) -> None:
+    """Templates take plain ``{field}`` placeholders only (``{{`` and ``}}`` for braces):
+    attribute access, indexing, conversions and format specs would run code on the entry's
+    values (``{text.upper}`` writes a method's repr, with its memory address, into the prompt)."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise doc.error(
+            key, f"a template with {{field}} placeholders ({e}; write {{{{ or }}}} for a brace)"
+        ) from None
+    for _, name, format_spec, conversion in parsed:
+        if name is None:
+            continue
+        placeholder = (
+            "{" + name + (f"!{conversion}" if conversion else "")
+            + (f":{format_spec}" if format_spec else "") + "}"
+        )  # fmt: skip
+        if not name.isidentifier() or conversion or format_spec:
+            raise doc.error(
+                key,
+                f"plain {{field}} placeholders (a field name: no attribute, index, conversion "
+                f"or format), got {placeholder}",
+            )
 
 
 def load_prompts(
@@ -65,10 +95,7 @@ def load_prompts(
         else:
             src_key, entries = m.k("items"), m.raw("items")
     if template is not None:
-        try:
-            list(string.Formatter().parse(template))
-        except ValueError as e:
-            raise doc.error(f"{key}.template", f"a valid format string ({e})") from None
+        check_template(doc, f"{key}.template", template)
     if not isinstance(entries, list) or not entries:
         raise src_doc.error(src_key, f"a non-empty list of prompt entries, got {describe(entries)}")
 
@@ -109,14 +136,15 @@ def load_prompts(
                 if not isinstance(text, str):
                     raise src_doc.error(ekey, f"a '{fld}' string (no template is set)")
             else:
-                try:
-                    text = template.format_map(f)
-                except KeyError as e:
-                    raise src_doc.error(
-                        ekey, f"field {e.args[0]!r} used by {key}.template"
-                    ) from None
-                except (ValueError, IndexError, AttributeError) as e:
-                    raise doc.error(f"{key}.template", f"a valid format string ({e})") from None
+                for name in template_fields(template):
+                    if name not in f:
+                        raise src_doc.error(ekey, f"field {name!r} used by {key}.template")
+                    if not isinstance(f[name], (str, int, float)) or isinstance(f[name], bool):
+                        raise src_doc.error(
+                            f"{ekey}.{name}",
+                            f"a string or number for {key}.template, got {describe(f[name])}",
+                        )
+                text = template.format_map(f)
             text = text.strip()
             if not text:
                 raise src_doc.error(ekey, "a non-empty prompt text")
@@ -151,6 +179,6 @@ def read_prompts(
     path: str | Path, template: str | None = None, field: str = "text"
 ) -> tuple[Prompt, ...]:
     """Prompts from a YAML/JSONL list outside any spec (an extra eval set, say); same rules."""
-    path = Path(path).expanduser().resolve()
+    path = real_path(Path(path).expanduser())
     value = {"file": str(path), "template": template, "field": field}
     return load_prompts(value, path.parent, Doc(path, value, {}), "prompts")

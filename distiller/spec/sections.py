@@ -29,7 +29,26 @@ from distiller.spec.schema import (
     TrainSpec,
     ValidatorSpec,
 )
-from distiller.spec.yamldoc import Doc, Map, describe, looks_like_path, read_doc, resolve_path
+from distiller.spec.yamldoc import (
+    Doc,
+    Map,
+    describe,
+    looks_like_path,
+    read_doc,
+    real_path,
+    resolve_path,
+)
+
+# Task and prompt-set names become directory and file names: short, portable characters
+# (at most 64, as model names).
+NAME_MAX = 64
+_NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.-]{{0,{NAME_MAX - 1}}}")
+
+
+def _clip(value: object, n: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= n else f"{text[: n - 5]}...' ({len(str(value))} characters)"
+
 
 # The keys each mapping allows, in the order an unknown-key error lists them.
 _TOP = ("name", "description", "prompts", "teacher", "validators", "student", "split", "eval")
@@ -452,8 +471,11 @@ def _eval(m: Map, base: Path, template: str | None, fld: str) -> EvalSpec:
         raise m.err("prompt_sets", "a mapping of set name -> prompts file (or prompts section)")
     sets = {}
     for name, value in ps.items():
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(name)):
-            raise m.err(f"prompt_sets.{name}", "a set name of letters, digits, _ . -")
+        if not re.fullmatch(rf"[A-Za-z0-9_.-]{{1,{NAME_MAX}}}", str(name)):
+            raise m.err(
+                f"prompt_sets.{name}",
+                f"a set name of letters, digits, _ . - (at most {NAME_MAX} characters)",
+            )
         sets[str(name)] = load_prompts(
             value,
             base,
@@ -515,13 +537,17 @@ def _check_held_out(doc: Doc, prompts: tuple[Prompt, ...], ev: EvalSpec) -> None
 
 def load_spec(path: str | Path) -> TaskSpec:
     """Read and validate a task spec; raises ``SpecError`` (file, key, expected, line)."""
-    path = Path(path).expanduser().resolve()
+    path = real_path(Path(path).expanduser())
     doc = read_doc(path, what="task spec")
     top = Map(doc, "", doc.data, _TOP)
     base = path.parent
     name = top.str("name", path.stem)
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
-        raise top.err("name", f"letters, digits, _ . - (it names directories), got {name!r}")
+    if not _NAME.fullmatch(name):
+        raise top.err(
+            "name",
+            f"letters, digits, _ . - starting with a letter or digit, at most {NAME_MAX} "
+            f"characters (it names directories), got {_clip(name)}",
+        )
     description = top.raw("description", "")
     if not isinstance(description, str):
         raise top.err("description", "a string")
