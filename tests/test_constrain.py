@@ -461,9 +461,9 @@ def test_real_model_extracts_fields_that_validate():
         build_messages(f"Extract name, age, city, employed and languages as JSON:\n{document}"),
     )
     decoding = Decoding(json_schema=schema, max_tokens=max_json_bytes(schema) + 1)
-    g = generate_one(model, tokenizer, prompt, decoding)
-    assert g.finish_reason == "stop", g.text
-    value = json.loads(g.text)
-    jsonschema.validate(value, schema)
+    # Both paths; their tokens are not compared here: the paths round differently (batched
+    # attention, a different cache), and on a near tie of the real model's logits greedy may
+    # pick differently on another CPU (the tiny model's test compares the paths).
+    single = generate_one(model, tokenizer, prompt, decoding)
     (batched,) = generate_batch(model, tokenizer, [prompt], decoding)
-    assert batched.tokens == g.tokens
+    assert_valid([single, batched], schema)
