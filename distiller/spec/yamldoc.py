@@ -270,7 +270,9 @@ def read_doc(path: Path, *, what: str = "file") -> Doc:
 def _read_jsonl(path: Path, text: str) -> Doc:
     data: list[Any] = []
     lines: dict[str, int] = {}
-    for n, raw in enumerate(text.splitlines(), 1):
+    # Only "\n" ends a JSONL line: str.splitlines() would also break at U+2028 and other
+    # characters that are valid inside a JSON string, misnumbering or breaking good lines.
+    for n, raw in enumerate(text.split("\n"), 1):
         if not raw.strip():
             continue
         key = f"[{len(data)}]"
