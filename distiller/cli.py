@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fuse": ("distiller.fuse", "fuse an adapter into a standalone (optionally quantized) model"),
     "eval": ("distiller.evaluate", "evaluate any model on any prompt file: outputs + metrics"),
     "run": ("distiller.pipeline", "run every stage: spec -> fused student -> comparison report"),
+    "serve": ("distiller.serve", "serve models: OpenAI-compatible API, side-by-side page, report"),
 }
 
 EPILOG = """\

@@ -570,12 +570,15 @@ def generate_one(
     decoding: Decoding = GREEDY,
     *,
     on_text: Callable[[str], object] | None = None,
+    on_tokens: Callable[[list[int]], object] | None = None,
     reset_peak_memory: bool = False,
 ) -> Generation:
     """Generate one completion on the single-stream path (what a latency number means).
 
     ``on_text`` receives each decoded text segment as it is produced (for streaming output;
     with ``stop`` strings, the stream may run a few characters past where the text is cut).
+    ``on_tokens`` receives the tokens kept so far after each step (the ones the final text is
+    decoded from), for a stream that must agree with that text exactly.
     The returned ``Generation`` carries this prompt's prefill and decode tok/s. With the same
     ``decoding``, its tokens are those of the batched paths (position 0's seed).
     """
@@ -599,7 +602,10 @@ def generate_one(
     ):
         if last.text and on_text is not None:
             on_text(last.text)
-        if sequence.add(last.token) is not None:
+        finished = sequence.add(last.token) is not None
+        if on_tokens is not None:
+            on_tokens(sequence.tokens)
+        if finished:
             break
     if last is None or sequence.finish_reason is None:
         raise RuntimeError("stream_generate ended before the sequence finished")

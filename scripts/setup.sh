@@ -24,6 +24,16 @@ if [[ "$(uname -s)" == Linux ]] && ! ldconfig -p 2>/dev/null | grep -q 'libopenb
   fi
 fi
 
+# 1b. Chromium and its driver (Linux with apt): the test of distiller serve's page drives them
+#     headless (tests/test_serve.py; it skips without them). Never a browser download.
+if [[ "$(uname -s)" == Linux ]] && ! command -v chromedriver >/dev/null && command -v apt-get >/dev/null; then
+  SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
+  log "installing chromium and chromium-driver (the browser test of distiller serve's page)"
+  $SUDO apt-get update -qq >/dev/null || true
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null \
+    || log "WARNING: chromium not installed; the browser test will be skipped"
+fi
+
 # 2. Virtual environment with distiller and its dependencies, refreshed when pyproject changes.
 if [[ ! -x "$VENV/bin/python" ]]; then
   log "creating virtual environment $VENV"
