@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("distiller.dataset", "turn teacher samples into train/valid/test chat data"),
     "train": ("distiller.train", "train a student adapter (sft, seq-kd, logit-kd, dpo)"),
     "fuse": ("distiller.fuse", "fuse an adapter into a standalone (optionally quantized) model"),
+    "export": ("distiller.models.export_gguf", "export a fused llama model as GGUF for llama.cpp"),
     "eval": ("distiller.evaluate", "evaluate any model on any prompt file: outputs + metrics"),
     "run": ("distiller.pipeline", "run every stage: spec -> fused student -> comparison report"),
     "serve": ("distiller.serve", "serve models: OpenAI-compatible API, side-by-side page, report"),

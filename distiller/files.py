@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_dir", "atomic_write"]
+__all__ = ["atomic_dir", "atomic_file", "atomic_write"]
 
 
 def atomic_write(path: str | Path, data: str | bytes, *, durable: bool = True) -> Path:
@@ -31,6 +31,24 @@ def atomic_write(path: str | Path, data: str | bytes, *, durable: bool = True) -
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+@contextmanager
+def atomic_file(path: str | Path, *, durable: bool = True) -> Iterator[Path]:
+    """``atomic_write`` for a writer that wants a path (a library writing a large file itself):
+    yields a temporary sibling of ``path`` to write; when the block ends without an exception
+    it is renamed onto ``path``, otherwise removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        if durable:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @contextmanager

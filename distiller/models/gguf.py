@@ -32,27 +32,10 @@ from typing import Any
 import numpy as np
 
 from distiller.errors import UserError
+from distiller.models.gguf_llama import BLOCK_NAMES, GLOBAL_NAMES, unpermute_rows
 from distiller.models.gguf_tokenizer import write_tokenizer
 
 SUPPORTED_ARCHITECTURES = ("llama",)
-
-# GGUF tensor name (within a block for blk.N.*) -> mlx-lm llama parameter name.
-_GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_BLOCK_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-}
 
 _FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -167,21 +150,14 @@ def llama_config(reader, source: str) -> dict[str, Any]:
 
 
 def _mlx_name(gguf_name: str, n_layers: int, source: str) -> str:
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
+    if gguf_name in GLOBAL_NAMES:
+        return GLOBAL_NAMES[gguf_name]
     parts = gguf_name.split(".", 2)
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _BLOCK_NAMES:
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in BLOCK_NAMES:
         layer = int(parts[1])
         if layer < n_layers:
-            return f"model.layers.{layer}.{_BLOCK_NAMES[parts[2]]}"
+            return f"model.layers.{layer}.{BLOCK_NAMES[parts[2]]}"
     raise UserError(f"{source}: tensor {gguf_name!r} has no llama mapping (unsupported tensor)")
-
-
-def _unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Undo llama.cpp's Q/K row permutation: per head, rows (i, half) -> (half, i)."""
-    rows = w.shape[0]
-    head_dim = rows // n_head
-    return w.reshape(n_head, head_dim // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,7 +306,7 @@ def convert_gguf(
         if keep_quantized and type_name in KEEPABLE_TYPES and len(t.shape) == 2:
             wq, scales, biases, bits = mlx_quantized(t, type_name)
             if heads:
-                wq, scales, biases = (_unpermute_rows(a, heads) for a in (wq, scales, biases))
+                wq, scales, biases = (unpermute_rows(a, heads) for a in (wq, scales, biases))
             base = name.removesuffix(".weight")
             weights[name] = mx.array(wq)
             weights[f"{base}.scales"] = mx.array(scales).astype(mx_dtype)
@@ -340,7 +316,7 @@ def convert_gguf(
         else:
             w = float_tensor(t, source)
             if heads:
-                w = _unpermute_rows(w, heads)
+                w = unpermute_rows(w, heads)
             weights[name] = mx.array(w).astype(mx_dtype)
 
     if quant:

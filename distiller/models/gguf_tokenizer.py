@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -229,3 +230,137 @@ def convert_tokenizer(gguf_path: str | Path, out_dir: str | Path) -> list[Path]:
     except Exception as exc:  # the gguf package raises ValueError/struct errors on bad files
         raise UserError(f"{path}: not a readable GGUF file ({exc})") from exc
     return write_tokenizer(reader.fields, out_dir, source=str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# The other way: a Hugging Face byte-level BPE tokenizer dir -> GGUF tokenizer metadata
+
+# The llama.cpp pre-tokenizer name written for each kind of pre-tokenizer we recognise.
+_GGUF_PRE_NAMES = {"digits+bytelevel": "smollm", "bytelevel": "gpt-2"}
+
+
+@dataclass
+class GGUFTokenizer:
+    """The tokenizer.* metadata of a GGUF file (llama.cpp's conventions for byte-level BPE)."""
+
+    pre: str
+    tokens: list[str]
+    token_types: list[int]
+    merges: list[str]
+    special_ids: dict[str, int]  # "bos" / "eos" / "unknown" / "padding" -> token id
+    add_bos: bool
+    add_eos: bool
+    chat_template: str | None
+
+
+def _pre_kind(pre_tokenizer: Any) -> str | None:
+    """Which of ``_pre_tokenizer``'s kinds a tokenizer.json pre_tokenizer is, if any."""
+
+    def byte_level(p: Any) -> bool:
+        return (
+            isinstance(p, dict)
+            and p.get("type") == "ByteLevel"
+            and not p.get("add_prefix_space", False)
+            and p.get("use_regex", True)
+        )
+
+    if byte_level(pre_tokenizer):
+        return "bytelevel"
+    if isinstance(pre_tokenizer, dict) and pre_tokenizer.get("type") == "Sequence":
+        parts = pre_tokenizer.get("pretokenizers") or []
+        digits = {"type": "Digits", "individual_digits": True}
+        if len(parts) == 2 and parts[0] == digits and byte_level(parts[1]):
+            return "digits+bytelevel"
+    return None
+
+
+def _token_text(value: Any) -> str | None:
+    """A special token in tokenizer_config.json: a string or an AddedToken-like mapping."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def gguf_tokenizer_from_dir(model_dir: str | Path, vocab_size: int) -> GGUFTokenizer:
+    """Read ``model_dir``'s tokenizer.json / tokenizer_config.json as GGUF tokenizer metadata.
+
+    ``vocab_size`` is the model's (embedding rows): ids the tokenizer does not use are written
+    as unused ``[PAD<id>]`` tokens, as llama.cpp's converter does. Only byte-level BPE
+    tokenizers whose pre-tokenizer llama.cpp reproduces are accepted (``UserError`` otherwise).
+    """
+    from distiller.models.check import read_json_object
+
+    model_dir = Path(model_dir)
+    path = model_dir / "tokenizer.json"
+    if not path.is_file():
+        raise UserError(f"{path}: missing; only tokenizer.json (byte-level BPE) can be exported")
+    tok = read_json_object(path, "tokenizer")
+    model = tok.get("model") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        raise UserError(
+            f"{path}: a {model.get('type')!r} tokenizer model"
+            + (" with byte fallback" if model.get("byte_fallback") else "")
+            + "; only byte-level BPE tokenizers can be exported"
+        )
+    if tok.get("normalizer") is not None:
+        raise UserError(f"{path}: has a normalizer, which llama.cpp's gpt2 tokenizer does not run")
+    kind = _pre_kind(tok.get("pre_tokenizer"))
+    if kind is None:
+        raise UserError(
+            f"{path}: pre_tokenizer {json.dumps(tok.get('pre_tokenizer'))[:120]} is not one "
+            "llama.cpp reproduces (supported: ByteLevel, or Digits(individual) + ByteLevel)"
+        )
+
+    by_id: dict[int, str] = {int(i): t for t, i in (model.get("vocab") or {}).items()}
+    types: dict[int, int] = {}
+    for added in tok.get("added_tokens") or []:
+        by_id[int(added["id"])] = added["content"]
+        types[int(added["id"])] = CONTROL if added.get("special") else USER_DEFINED
+    size = max(vocab_size, max(by_id, default=-1) + 1)
+    tokens, token_types = [], []
+    for i in range(size):
+        if i in by_id:
+            tokens.append(by_id[i])
+            token_types.append(types.get(i, NORMAL))
+        else:
+            tokens.append(f"[PAD{i}]")
+            token_types.append(UNUSED)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+
+    config_path = model_dir / "tokenizer_config.json"
+    config = read_json_object(config_path, "tokenizer config") if config_path.exists() else {}
+    ids = {t: i for i, t in enumerate(tokens)}
+    special_ids = {}
+    for key, name in (("bos", "bos_token"), ("eos", "eos_token"), ("unknown", "unk_token"),
+                      ("padding", "pad_token")):  # fmt: skip
+        text = _token_text(config.get(name))
+        if text is not None and text in ids:
+            special_ids[key] = ids[text]
+    # Like llama.cpp's SpecialVocab: config.json's ids fill in what the tokenizer leaves out.
+    model_config_path = model_dir / "config.json"
+    if model_config_path.exists():
+        model_config = read_json_object(model_config_path, "model config")
+        for key in ("bos", "eos"):
+            value = model_config.get(f"{key}_token_id")
+            if isinstance(value, list) and value:
+                value = value[0]
+            if key not in special_ids and isinstance(value, int) and 0 <= value < size:
+                special_ids[key] = value
+
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: llama.cpp reads the default one
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    jinja = model_dir / "chat_template.jinja"
+    if template is None and jinja.is_file():
+        template = jinja.read_text(encoding="utf-8")
+    return GGUFTokenizer(
+        pre=_GGUF_PRE_NAMES[kind],
+        tokens=tokens,
+        token_types=token_types,
+        merges=merges,
+        special_ids=special_ids,
+        add_bos=bool(config.get("add_bos_token", False)),
+        add_eos=bool(config.get("add_eos_token", False)),
+        chat_template=template if isinstance(template, str) else None,
+    )
