@@ -35,7 +35,7 @@ Thresholds
 
 Task metrics
     accuracy, macro-F1, per-class report and confusion matrix (classification); exact match and
-    token F1 with SQuAD-style normalisation (extractive answers); JSON validity against a schema
+    token F1 with SQuAD v1.1's normalization and max over gold answers (extractive answers); JSON validity against a schema
     and per-field accuracy against reference objects (extraction).
 """
 
@@ -417,25 +417,40 @@ _PUNCT = str.maketrans("", "", string.punctuation)
 
 
 def normalize_answer(text: str) -> str:
-    """Lowercase, drop punctuation and the articles a/an/the, collapse whitespace."""
+    """SQuAD v1.1's normalization, in its order: lowercase, drop ASCII punctuation, drop the
+    articles a/an/the, collapse whitespace. Punctuation goes before articles, as there: "a.n"
+    becomes "an", then an article, so nothing is left."""
     text = text.lower().translate(_PUNCT)
     text = _ARTICLES.sub(" ", text)
     return " ".join(text.split())
 
 
-def exact_match(prediction: str, reference: str | Iterable[str]) -> float:
-    """1.0 if the normalised prediction equals the (any) normalised reference."""
+def _references(reference: str | Iterable[str]) -> list[str]:
     refs = [reference] if isinstance(reference, str) else list(reference)
+    if not refs:
+        raise ValueError("no gold answers to score against (an empty list)")
+    return refs
+
+
+def exact_match(prediction: str, reference: str | Iterable[str]) -> float:
+    """1.0 if the normalized prediction equals a normalized reference (SQuAD v1.1's EM: the
+    best over the references); a ``ValueError`` for an empty list of references."""
     pred = normalize_answer(prediction)
-    return float(any(pred == normalize_answer(r) for r in refs))
+    return float(any(pred == normalize_answer(r) for r in _references(reference)))
 
 
 def token_f1(prediction: str, reference: str | Iterable[str]) -> float:
-    """Bag-of-tokens F1 between normalised texts; the best over several references."""
-    refs = [reference] if isinstance(reference, str) else list(reference)
+    """Bag-of-tokens F1 between normalized texts, the best over the references (SQuAD v1.1).
+
+    One deliberate difference from the v1.1 script: when the prediction or the reference has no
+    token left after normalization, F1 is 1.0 if both are empty, else 0.0 (the v2.0 script's
+    rule). v1.1 scores two empty texts 0.0 while their exact match is 1.0, which would make an
+    exact match score below its own F1. Gold answers that normalize to nothing are refused by
+    the spec loader, so on a valid task the two scripts agree everywhere.
+    """
     pred = normalize_answer(prediction).split()
     best = 0.0
-    for r in refs:
+    for r in _references(reference):
         ref = normalize_answer(r).split()
         if not pred or not ref:
             best = max(best, float(pred == ref))

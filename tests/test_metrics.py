@@ -4,6 +4,9 @@ compliance, task metrics."""
 from __future__ import annotations
 
 import math
+import re
+import string
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -309,6 +312,109 @@ def test_squad_normalisation_and_scores():
     assert M.exact_match("Paxos", "Raft") == 0.0
     assert M.token_f1("leader election timeout", "the election timeout") == pytest.approx(0.8)
     assert M.token_f1("", "") == 1.0 and M.token_f1("x", "") == 0.0
+
+
+# The official SQuAD v1.1 evaluation script's functions (evaluate-v1.1.py), transcribed as the
+# reference the implementation is checked against.
+def _squad11_normalize(s: str) -> str:
+    def remove_articles(text):
+        return re.sub(r"\b(a|an|the)\b", " ", text)
+
+    def white_space_fix(text):
+        return " ".join(text.split())
+
+    def remove_punc(text):
+        exclude = set(string.punctuation)
+        return "".join(ch for ch in text if ch not in exclude)
+
+    return white_space_fix(remove_articles(remove_punc(s.lower())))
+
+
+def _squad11_f1(prediction: str, ground_truth: str) -> float:
+    prediction_tokens = _squad11_normalize(prediction).split()
+    ground_truth_tokens = _squad11_normalize(ground_truth).split()
+    common = Counter(prediction_tokens) & Counter(ground_truth_tokens)
+    num_same = sum(common.values())
+    if num_same == 0:
+        return 0
+    precision = 1.0 * num_same / len(prediction_tokens)
+    recall = 1.0 * num_same / len(ground_truth_tokens)
+    return (2 * precision * recall) / (precision + recall)
+
+
+def _squad11_em(prediction: str, ground_truth: str) -> bool:
+    return _squad11_normalize(prediction) == _squad11_normalize(ground_truth)
+
+
+def _squad11_max(metric_fn, prediction, ground_truths):
+    return max(metric_fn(prediction, gt) for gt in ground_truths)
+
+
+def test_squad_normalization_by_hand():
+    # Punctuation goes before articles: "a.n" becomes the article "an" and disappears; the
+    # other order would leave "n apple".
+    assert M.normalize_answer("A.n apple") == "apple"
+    assert M.normalize_answer("The Cat's  hat!") == "cats hat"
+    assert M.normalize_answer("theatre, anthem and a-team") == "theatre anthem and ateam"
+    # Only ASCII punctuation goes (the dash stays), and letters are lowercased beyond ASCII.
+    assert M.normalize_answer("\tAn\n\u00c9cole — the end.") == "\u00e9cole — end"
+    assert M.normalize_answer("The.") == "" and M.normalize_answer("") == ""
+
+
+def test_squad_scores_by_hand():
+    assert M.exact_match("Seven", ["7", "seven"]) == 1.0
+    assert M.exact_match("March 4", ["March 4", "4 March"]) == 1.0
+    assert M.exact_match("4 March.", ("March 4", "4 March")) == 1.0  # any iterable of answers
+    # "on march 4 2025" vs "march 4": 2 shared of 4 and of 2 tokens: P 1/2, R 1, F1 2/3.
+    assert M.token_f1("on March 4, 2025", "March 4") == pytest.approx(2 / 3)
+    # Tokens are a multiset: "cat cat dog" vs "cat dog dog" share one cat and one dog.
+    assert M.token_f1("cat cat dog", "cat dog dog") == pytest.approx(2 / 3)
+    # Articles go before counting: "the the cat" is ["cat"] against ["cat", "cat"].
+    assert M.token_f1("the the cat", "cat cat") == pytest.approx(2 / 3)
+    # The best reference counts, not the first or the mean.
+    assert M.token_f1("Ilsa Varholt", ["Varholt", "Ilsa Varholt", "Teodor"]) == 1.0
+    assert M.token_f1("Ilsa", ["Ilsa Varholt", "Teodor"]) == pytest.approx(2 / 3)
+    assert M.token_f1("", "Ilsa") == 0.0 and M.token_f1("Ilsa", "the") == 0.0
+    # The one deliberate difference from v1.1 (see token_f1): both empty after normalization.
+    assert M.token_f1("the", "a") == 1.0 and _squad11_f1("the", "a") == 0
+    assert M.exact_match("the", "a") == 1.0
+    with pytest.raises(ValueError, match="no gold answers"):
+        M.exact_match("x", [])
+    with pytest.raises(ValueError, match="no gold answers"):
+        M.token_f1("x", [])
+
+
+# Texts built from what the normalization acts on: articles (alone, capitalised, inside words,
+# split by punctuation), punctuation, odd whitespace, non-ASCII letters and digits.
+_PIECES = ["the", "The", "a", "An", "an.", "a.n", "theatre", "cat", "Cat,", "dog", "'s", "-",
+           "!", "  ", "\t", "\u00c9cole", "7", "seven", "March", "4"]  # fmt: skip
+_answers = st.one_of(
+    st.lists(st.sampled_from(_PIECES), max_size=6).map(" ".join),
+    st.lists(st.sampled_from(_PIECES), max_size=6).map("".join),
+    st.text(max_size=20),
+)
+
+
+@given(_answers, st.lists(_answers, min_size=1, max_size=3))
+@settings(max_examples=400)
+def test_squad_scores_match_the_official_v11_script(prediction, references):
+    assert M.normalize_answer(prediction) == _squad11_normalize(prediction)
+    em = M.exact_match(prediction, references)
+    f1 = M.token_f1(prediction, references)
+    assert em == float(_squad11_max(_squad11_em, prediction, references))
+    official_f1 = _squad11_max(_squad11_f1, prediction, references)
+    if all(_squad11_normalize(r) for r in references):  # every gold answer a valid spec allows
+        assert f1 == pytest.approx(official_f1)
+    else:  # the empty-vs-empty rule can only raise a score, and only to 1
+        assert f1 == pytest.approx(official_f1) or (f1 == 1.0 and official_f1 == 0)
+
+
+@given(_answers, st.lists(_answers, min_size=1, max_size=3), _answers)
+def test_squad_scores_are_a_max_over_references(prediction, references, extra):
+    # One more accepted answer never lowers a score; the scores are those of the best single one.
+    for fn in (M.exact_match, M.token_f1):
+        assert fn(prediction, [*references, extra]) >= fn(prediction, references)
+        assert fn(prediction, references) == max(fn(prediction, r) for r in references)
 
 
 @given(st.text(max_size=40), st.text(max_size=40))
