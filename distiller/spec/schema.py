@@ -11,7 +11,7 @@ from distiller.decoding import GREEDY, Decoding
 from distiller.hashing import stable_hash
 
 LORA_KEYS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ROUTES = ("sft", "seq-kd", "logit-kd", "dpo")
+ROUTES = ("sft", "seq-kd", "logit-kd", "dpo", "gkd")
 
 
 @dataclass(frozen=True)
@@ -91,8 +91,21 @@ class TrainSpec:
 
 
 @dataclass(frozen=True)
+class LogitCacheSpec:
+    """``student.kd.cache``: logit-kd against the teacher's cached top-k log-probabilities
+    (``distiller.train.logit_cache``) instead of a teacher forward in every step."""
+
+    top_k: int = 32
+    # What happens to the probability outside the top-k: "tail" (one extra bucket holding it)
+    # or "renormalize" (both distributions restricted to the k tokens).
+    missing: str = "tail"
+
+
+@dataclass(frozen=True)
 class KDSpec:
-    """loss = alpha * CE(labels) + beta * divergence(teacher, student) + gamma * hidden MSE."""
+    """logit-kd: loss = alpha * CE(labels) + beta * divergence(teacher, student) + gamma *
+    hidden MSE. gkd: loss = JSD(jsd_beta)(teacher, student) at ``temperature``, on the data's
+    answers or, for a fraction ``lmbda`` of the batches, on the student's own samples."""
 
     alpha: float = 0.5
     beta: float = 0.5
@@ -100,6 +113,9 @@ class KDSpec:
     temperature: float = 2.0
     divergence: str = "kl"  # kl | reverse_kl | jsd
     layer_map: str | tuple[tuple[int, int], ...] = "auto"  # or ((student, teacher), ...)
+    cache: LogitCacheSpec | None = None  # logit-kd from a teacher-logit cache
+    lmbda: float = 0.5  # gkd: fraction of batches that are the student's own generations
+    jsd_beta: float = 0.5  # gkd: 0 = forward KL, 1 = reverse KL (TRL's convention)
 
 
 @dataclass(frozen=True)
@@ -135,12 +151,12 @@ class QuantizeSpec:
 @dataclass(frozen=True)
 class StudentSpec:
     model: str
-    route: str = "sft"  # sft | seq-kd | logit-kd | dpo
+    route: str = "sft"  # sft | seq-kd | logit-kd | dpo | gkd
     prompt_style: str = "bare"  # bare: the student sees only the prompt | scaffold: as the teacher
     lora: LoraSpec | None = LoraSpec()  # None iff full_finetune
     full_finetune: bool = False
     train: TrainSpec = TrainSpec()
-    kd: KDSpec | None = None  # set iff route == "logit-kd"
+    kd: KDSpec | None = None  # set iff route is logit-kd or gkd
     drop_layers: DropLayersSpec | None = None
     dpo: DPOSpec | None = None  # set iff route == "dpo"
     quantize: QuantizeSpec | None = None

@@ -19,6 +19,7 @@ from distiller.spec.schema import (
     EvalSpec,
     FewShot,
     KDSpec,
+    LogitCacheSpec,
     LoraSpec,
     Prompt,
     QuantizeSpec,
@@ -71,7 +72,9 @@ _TRAIN = (
     "early_stopping_patience", "checkpoint_every", "seed", "keep",
 )  # fmt: skip
 _LORA = ("rank", "alpha", "dropout", "layers", "keys")
-_KD = ("alpha", "beta", "gamma", "temperature", "divergence", "layer_map")
+_KD = ("alpha", "beta", "gamma", "temperature", "divergence", "layer_map", "cache")
+_KD_CACHE = ("top_k", "missing")
+_GKD = ("lmbda", "jsd_beta", "temperature")
 _DROP_LAYERS = ("keep_every", "keep")
 _QUANTIZE = ("bits", "group_size")
 _SPLIT = ("train", "valid", "test", "seed", "stratify_by")
@@ -290,15 +293,15 @@ def _student(m: Map, teacher: TeacherSpec) -> StudentSpec:
     train = _train(m.sub("train", _TRAIN))
 
     kd = None
-    if m.has("kd") and route != "logit-kd":
-        raise m.err("kd", f"absent unless route is logit-kd (route is {route})")
-    if route == "logit-kd":
+    if m.has("kd") and route not in ("logit-kd", "gkd"):
+        raise m.err("kd", f"absent unless route is logit-kd or gkd (route is {route})")
+    if route in ("logit-kd", "gkd"):
         if teacher.model is None:
             raise m.err(
                 "route",
-                "a route other than logit-kd: logit KD needs a local teacher model, not an endpoint",
+                f"a route other than {route}: it needs a local teacher model, not an endpoint",
             )
-        kd = _kd(m.sub("kd", _KD))
+        kd = _kd(m.sub("kd", _KD)) if route == "logit-kd" else _gkd(m.sub("kd", _GKD))
 
     drop = None
     if m.has("drop_layers"):
@@ -401,10 +404,30 @@ def _kd(km: Map) -> KDSpec:
         temperature=km.float("temperature", 2.0, lo=0, lo_open=True),
         divergence=km.str("divergence", "kl", choices=("kl", "reverse_kl", "jsd")),
         layer_map=layer_map,
+        cache=_kd_cache(km.sub("cache", _KD_CACHE)) if km.has("cache") else None,
     )
     if kd.alpha + kd.beta + kd.gamma == 0:
         raise km.err("alpha", "at least one of alpha, beta, gamma > 0")
+    if kd.cache is not None and kd.gamma:
+        raise km.err(
+            "gamma", "0 with cache (the cache holds the teacher's logits, not its hidden states)"
+        )
     return kd
+
+
+def _kd_cache(cm: Map) -> LogitCacheSpec:
+    return LogitCacheSpec(
+        top_k=cm.int("top_k", 32, lo=1),
+        missing=cm.str("missing", "tail", choices=("tail", "renormalize")),
+    )
+
+
+def _gkd(km: Map) -> KDSpec:
+    return KDSpec(
+        temperature=km.float("temperature", 1.0, lo=0, lo_open=True),
+        lmbda=km.float("lmbda", 0.5, lo=0, hi=1),
+        jsd_beta=km.float("jsd_beta", 0.5, lo=0, hi=1),
+    )
 
 
 def _drop_layers(dm: Map) -> DropLayersSpec:

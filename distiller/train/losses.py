@@ -48,16 +48,91 @@ def token_divergence(
     t = float(temperature)
     log_p = F.log_softmax(teacher_logits.astype(mx.float32) / t, axis=-1)
     log_q = F.log_softmax(student_logits.astype(mx.float32) / t, axis=-1)
-    if divergence == "kl":
-        d = (F.exp(log_p) * (log_p - log_q)).sum(-1)
-    elif divergence == "reverse_kl":
-        d = (F.exp(log_q) * (log_q - log_p)).sum(-1)
+    beta = {"kl": 0.0, "reverse_kl": 1.0, "jsd": 0.5}[divergence]
+    return logprob_divergence(log_p, log_q, beta) * (t * t)
+
+
+def logprob_divergence(log_p: mx.array, log_q: mx.array, beta: float) -> mx.array:
+    """Generalized Jensen-Shannon divergence JSD(beta) between two distributions given as
+    log-probabilities over the last axis (teacher ``log_p``, student ``log_q``), summed there.
+
+    GKD (Agarwal et al. 2024) in TRL's convention: with the mixture M = beta*P + (1-beta)*Q,
+    JSD(beta) = beta*KL(P||M) + (1-beta)*KL(Q||M); beta = 0 is forward KL(P||Q) and beta = 1
+    reverse KL(Q||P) exactly (the mixture form vanishes at both ends, so they are special
+    cases, as in TRL); beta = 0.5 is the symmetric Jensen-Shannon divergence.
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if beta == 0.0:
+        return (F.exp(log_p) * (log_p - log_q)).sum(-1)
+    if beta == 1.0:
+        return (F.exp(log_q) * (log_q - log_p)).sum(-1)
+    # log of the mixture, computed stably from the two log-probabilities.
+    log_m = mx.logaddexp(log_p + math.log(beta), log_q + math.log(1.0 - beta))
+    kl_p = (F.exp(log_p) * (log_p - log_m)).sum(-1)
+    kl_q = (F.exp(log_q) * (log_q - log_m)).sum(-1)
+    return beta * kl_p + (1.0 - beta) * kl_q
+
+
+def generalized_jsd(
+    teacher_logits: mx.array, student_logits: mx.array, beta: float, temperature: float = 1.0
+) -> mx.array:
+    """Per-token JSD(beta) (``logprob_divergence``) at ``temperature``, times T^2 as
+    ``token_divergence`` does: the gkd route's loss."""
+    t = float(temperature)
+    log_p = F.log_softmax(teacher_logits.astype(mx.float32) / t, axis=-1)
+    log_q = F.log_softmax(student_logits.astype(mx.float32) / t, axis=-1)
+    return logprob_divergence(log_p, log_q, beta) * (t * t)
+
+
+# A log-probability standing for "no mass": finite, so 0 * (a - b) stays 0 (never inf - inf)
+# in values and gradients, and exp() of it is exactly 0 in float32.
+_NO_MASS = -1.0e4
+MISSING_MASS = ("tail", "renormalize")
+
+
+def topk_divergence(
+    student_logits: mx.array,
+    teacher_indices: mx.array,
+    teacher_logprobs: mx.array,
+    teacher_log_tail: mx.array,
+    *,
+    temperature: float = 1.0,
+    divergence: str = "kl",
+    missing: str = "tail",
+) -> mx.array:
+    """Per-token divergence to a teacher known only by its top-k (a ``logit_cache`` entry).
+
+    ``teacher_indices`` (N, k) and ``teacher_logprobs`` (N, k) are the teacher's k likeliest
+    tokens and their log-probabilities at ``temperature``; ``teacher_log_tail`` (N,) is the log
+    of the probability left outside them. ``missing`` says what happens to that mass:
+    ``tail``: both distributions become k + 1 buckets, the k tokens and one holding everything
+    else (the student's mass outside the teacher's top-k summed into it). Merging outcomes
+    never increases an f-divergence, so this is a lower bound of the full-vocabulary one, equal
+    to it when k is the vocabulary. ``renormalize``: both are restricted to the k tokens and
+    renormalized there (the tail dropped; not a bound, equal to the full loss when k = V).
+    """
+    if missing not in MISSING_MASS:
+        raise ValueError(f"missing must be one of {MISSING_MASS}, got {missing!r}")
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    t = float(temperature)
+    beta = {"kl": 0.0, "reverse_kl": 1.0, "jsd": 0.5}[divergence]
+    log_q_all = F.log_softmax(student_logits.astype(mx.float32) / t, axis=-1)
+    idx = teacher_indices.astype(mx.int32)
+    log_q = mx.take_along_axis(log_q_all, idx, axis=-1)
+    log_p = teacher_logprobs.astype(mx.float32)
+    if missing == "renormalize":
+        log_p = log_p - mx.logsumexp(log_p, axis=-1, keepdims=True)
+        log_q = log_q - mx.logsumexp(log_q, axis=-1, keepdims=True)
     else:
-        p, q = F.exp(log_p), F.exp(log_q)
-        # log of the mixture, computed stably from the two log-probabilities.
-        log_m = mx.logaddexp(log_p, log_q) - math.log(2.0)
-        d = 0.5 * (p * (log_p - log_m)).sum(-1) + 0.5 * (q * (log_q - log_m)).sum(-1)
-    return d * (t * t)
+        # The student's tail: its log-probabilities with the teacher's top-k knocked out.
+        outside = mx.put_along_axis(log_q_all, idx, mx.array(2 * _NO_MASS, mx.float32), axis=-1)
+        log_q_tail = mx.maximum(mx.logsumexp(outside, axis=-1, keepdims=True), _NO_MASS)
+        log_p_tail = mx.maximum(teacher_log_tail.astype(mx.float32)[..., None], _NO_MASS)
+        log_p = mx.concatenate([log_p, log_p_tail], axis=-1)
+        log_q = mx.concatenate([log_q, log_q_tail], axis=-1)
+    return logprob_divergence(log_p, log_q, beta) * (t * t)
 
 
 def masked_divergence(

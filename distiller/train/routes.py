@@ -1,4 +1,5 @@
-"""Per-route loss functions: sft / seq-kd (masked CE), logit-kd, dpo.
+"""Per-route loss functions: sft / seq-kd (masked CE), logit-kd (live or cached teacher), dpo,
+gkd.
 
 Each is ``loss_fn(model, batch) -> (loss, n_tokens)``. Logits are computed only at the
 supervised positions ``batch["sel"]`` (see ``batches.select``).
@@ -77,6 +78,48 @@ def make_kd_loss(teacher: nn.Module, kd: KDSpec, layer_map: dict[int, int]) -> C
         )
 
     return kd_loss
+
+
+def make_cached_kd_loss(kd: KDSpec) -> Callable:
+    """The logit-kd loss against cached teacher top-k entries (``logit_cache.attach`` puts
+    them in the batch as ``t_indices`` / ``t_logprobs`` / ``t_log_tail``): no teacher forward."""
+    cache = kd.cache
+    assert cache is not None
+
+    def cached_kd_loss(model, batch):
+        s_logits = selected_logits(model, batch)
+        mask = batch["sel_mask"]
+        ce, ntoks = L.masked_cross_entropy(s_logits, selected_targets(batch), mask)
+        loss = kd.alpha * ce
+        if kd.beta:
+            d = L.topk_divergence(
+                s_logits,
+                batch["t_indices"],
+                batch["t_logprobs"],
+                batch["t_log_tail"],
+                temperature=kd.temperature,
+                divergence=kd.divergence,
+                missing=cache.missing,
+            )
+            loss = loss + kd.beta * (d * mask).sum() / mx.maximum(ntoks, 1)
+        return loss, ntoks
+
+    return cached_kd_loss
+
+
+def make_gkd_loss(teacher: nn.Module, kd: KDSpec) -> Callable:
+    """The gkd loss: generalized JSD(``kd.jsd_beta``) at ``kd.temperature`` between teacher and
+    student at every answer token, whoever wrote the answer (the data or the student)."""
+
+    def gkd_loss(model, batch):
+        s_logits = selected_logits(model, batch)
+        t_logits = mx.stop_gradient(selected_logits(teacher, batch))
+        d = L.generalized_jsd(t_logits, s_logits, kd.jsd_beta, kd.temperature)
+        mask = batch["sel_mask"]
+        ntoks = mask.sum()
+        return (d * mask).sum() / mx.maximum(ntoks, 1), ntoks
+
+    return gkd_loss
 
 
 def pair_logprobs(model: nn.Module, batch: dict[str, mx.array]) -> mx.array:

@@ -32,13 +32,16 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 
+from distiller.decoding import Decoding
 from distiller.errors import UserError
 from distiller.files import atomic_write
+from distiller.generate import generate_batch
 from distiller.hashing import canonical
 from distiller.models import load_model, resolve_model
 from distiller.spec import ROUTES, DPOSpec, KDSpec, StudentSpec, TaskSpec
 from distiller.train import batches as B
 from distiller.train import checkpoint as C
+from distiller.train import logit_cache as LC
 from distiller.train import lora as LR
 from distiller.train import routes as R
 from distiller.train import step as ST
@@ -47,6 +50,7 @@ from distiller.train.routes import sft_loss
 from distiller.train.step import make_train_step
 
 CHAT_FILES = ("train.jsonl", "valid.jsonl")
+KD_ROUTES = ("logit-kd", "gkd")  # the routes that score with a local teacher
 PAIR_FILES = ("pairs_train.jsonl", "pairs_valid.jsonl")
 
 
@@ -88,14 +92,14 @@ class TrainResult:
 def run_settings(spec: TaskSpec) -> dict[str, Any]:
     """Everything that decides what a run trains (the data aside): its checkpoint's key."""
     student = spec.student
-    teacher_used = student.route == "logit-kd" or student.drop_layers is not None
+    teacher_used = student.route in KD_ROUTES or student.drop_layers is not None
     return {
         "model": student.model,
         "route": student.route,
         "full_finetune": student.full_finetune,
         "lora": None if student.full_finetune else student.lora,
         "train": student.train,
-        "kd": _kd(student) if student.route == "logit-kd" else None,
+        "kd": _kd(student) if student.route in KD_ROUTES else None,
         "dpo": _dpo(student) if student.route == "dpo" else None,
         "drop_layers": student.drop_layers,
         "teacher": spec.teacher.model if teacher_used else None,
@@ -103,7 +107,8 @@ def run_settings(spec: TaskSpec) -> dict[str, Any]:
 
 
 def _kd(student: StudentSpec) -> KDSpec:
-    # The parser sets kd for logit-kd; a spec built in code without it gets the section defaults.
+    # The parser sets kd for logit-kd and gkd; a spec built in code without it gets the
+    # section defaults.
     return student.kd or KDSpec()
 
 
@@ -220,22 +225,105 @@ def _reference_logprobs(
     return ch, rj
 
 
+def _load_teacher(spec: TaskSpec, model: nn.Module, tokenizer: Any) -> nn.Module:
+    teacher, teacher_tok = load_model(spec.teacher.model)
+    teacher.freeze()
+    teacher.eval()
+    check_same_vocabulary(tokenizer, teacher_tok, model, teacher)
+    return teacher
+
+
+def _teacher_cache(
+    spec: TaskSpec,
+    model: nn.Module,
+    tokenizer: Any,
+    dataset_dir: Path,
+    splits: list[list[B.Example]],
+    progress: bool,
+) -> list[LC.TeacherTopK]:
+    """The teacher-logit cache of each split (``kd.cache``), built where missing: the teacher
+    is loaded only when some shard has to be computed, and freed before training."""
+    kd = _kd(spec.student)
+    cache = kd.cache
+    assert cache is not None
+    teacher_dir = resolve_model(spec.teacher.model)
+    fingerprint = LC.teacher_fingerprint(teacher_dir)
+    teacher: list[nn.Module] = []
+
+    def score(examples):
+        if not teacher:
+            teacher.append(_load_teacher(spec, model, tokenizer))
+        scorer = LC.local_scorer(teacher[0], cache.top_k, kd.temperature)
+        return scorer(examples)
+
+    out = []
+    for examples in splits:
+        topk, _ = LC.build_cache(
+            examples,
+            dataset_dir / LC.CACHE_DIR_NAME,
+            score,
+            fingerprint=fingerprint,
+            top_k=cache.top_k,
+            temperature=kd.temperature,
+            log=LC.print_log if progress else None,
+        )
+        out.append(topk)
+    return out
+
+
 def _loss_for_route(
     spec: TaskSpec, model: nn.Module, tokenizer: Any, kept: list[int] | None
 ) -> Callable:
     student = spec.student
     if student.route == "logit-kd":
         kd = _kd(student)
-        teacher, teacher_tok = load_model(spec.teacher.model)
-        teacher.freeze()
-        teacher.eval()
-        check_same_vocabulary(tokenizer, teacher_tok, model, teacher)
+        if kd.cache is not None:
+            return R.make_cached_kd_loss(kd)
+        teacher = _load_teacher(spec, model, tokenizer)
         n_s, n_t = len(model.layers), len(teacher.layers)
         layer_map = S.layer_map_for(kd.layer_map, n_s, n_t, kept) if kd.gamma else {}
         return R.make_kd_loss(teacher, kd, layer_map)
+    if student.route == "gkd":
+        return R.make_gkd_loss(_load_teacher(spec, model, tokenizer), _kd(student))
     if student.route == "dpo":
         return R.make_dpo_loss(_dpo(student).beta)
     return sft_loss
+
+
+def is_on_policy_step(lmbda: float, seed: int, step: int) -> bool:
+    """Whether gkd's ``step`` trains on the student's own samples: a draw that is a pure
+    function of (seed, step), so a resumed run makes the same choices (0 never, 1 always)."""
+    return bool(np.random.default_rng([seed, step, 0x6B]).random() < lmbda)
+
+
+def student_samples(
+    model: nn.Module,
+    tokenizer: Any,
+    rows: list[B.Example],
+    kd: KDSpec,
+    train_spec: Any,
+    step: int,
+) -> tuple[list[B.Example], int]:
+    """The rows' prompts answered by the student itself (sampled at ``kd.temperature``, up to
+    the longest answer of the rows), as training examples; and how many tokens it generated.
+    The seed is a function of (seed, step), so a resumed run draws the same samples."""
+    prompts = [list(e.tokens[: e.offset]) for e in rows]
+    budget = max(1, max(len(e.tokens) - e.offset for e in rows))
+    decoding = Decoding(
+        temperature=kd.temperature, max_tokens=budget, seed=train_spec.seed * 1_000_003 + step
+    )
+    model.eval()  # no dropout while sampling
+    try:
+        gens = generate_batch(model, tokenizer, prompts, decoding, batch_size=len(prompts))
+    finally:
+        model.train()
+    eos = tokenizer.eos_token_id
+    examples = []
+    for prompt, g in zip(prompts, gens, strict=True):
+        answer = list(g.tokens) + ([eos] if g.finish_reason == "stop" and eos is not None else [])
+        tokens = (prompt + answer)[: train_spec.max_seq_length]
+        examples.append(B.Example(tokens, min(len(prompt), len(tokens))))
+    return examples, sum(g.generation_tokens for g in gens)
 
 
 def train(
@@ -300,15 +388,30 @@ def train(
         ref_train = _reference_logprobs(model, train_data, t.batch_size)
         ref_valid = _reference_logprobs(model, valid_data, t.batch_size) if valid_data else None
 
-    def make_batch(idx: list[int], data: list, ref: tuple[np.ndarray, np.ndarray] | None) -> dict:
+    # logit-kd from the teacher-logit cache: the teacher's entries ride in the batches.
+    cached = route == "logit-kd" and _kd(student).cache is not None
+    train_cache = valid_cache = None
+    if cached:
+        train_cache, valid_cache = _teacher_cache(
+            spec, model, tokenizer, dataset_dir, [train_data, valid_data], progress
+        )
+
+    def make_batch(
+        idx: list[int],
+        data: list,
+        ref: tuple[np.ndarray, np.ndarray] | None,
+        cache: LC.TeacherTopK | None = None,
+    ) -> dict:
         if route != "dpo":
-            return B.collate([data[i] for i in idx])
+            b = B.collate([data[i] for i in idx])
+            return LC.attach(b, cache, idx) if cache is not None else b
         b = B.collate_pairs([data[i] for i in idx])
         b["ref_chosen"], b["ref_rejected"] = ref[0][idx], ref[1][idx]
         return b
 
     val_batches = [
-        make_batch(g, valid_data, ref_valid) for g in B.make_batches(valid_lengths, t.batch_size)
+        make_batch(g, valid_data, ref_valid, valid_cache)
+        for g in B.make_batches(valid_lengths, t.batch_size)
     ]
 
     optimizer = optim.AdamW(
@@ -318,12 +421,15 @@ def train(
 
     # ---- resume
     step, resumed_from, rows = 0, None, []
+    # gkd: how many steps trained on the student's own samples, and the tokens it generated.
+    on_policy = {"steps": 0, "generated_tokens": 0}
     best, best_step, bad_evals, stopped = None, None, 0, False
     state = C.load_checkpoint(out_dir, model, optimizer) if resume else None
     if state is not None:
         step, resumed_from = state["step"], state["step"]
         best, best_step = state.get("best_val"), state.get("best_step")
         bad_evals, stopped = state.get("bad_evals", 0), state.get("stopped", False)
+        on_policy = dict(state.get("on_policy", on_policy))
         rows = [r for r in state.get("metrics", []) if r["step"] <= step]
     elif not resume and C.ckpt_dir(out_dir).exists():
         for f in C.ckpt_dir(out_dir).iterdir():
@@ -336,7 +442,9 @@ def train(
         compile=runtime.compile,
         grad_clip=t.grad_clip,
         workers=runtime.workers,
-        split=B.split_pairs if route == "dpo" else B.split_rows,
+        split=B.split_pairs
+        if route == "dpo"
+        else (LC.split_cached_rows(train_cache) if train_cache is not None else B.split_rows),
     )
 
     def checkpoint_extra() -> dict[str, Any]:
@@ -348,6 +456,7 @@ def train(
             "metrics": rows,
             "total_steps": total_steps,
             "run_key": run_key,
+            "on_policy": on_policy,
         }
 
     from tqdm import tqdm
@@ -366,7 +475,16 @@ def train(
     with C.StopFlag() as flag:
         try:
             while step < total_steps and not stopped:
-                batch = make_batch(B.batch_for_step(groups, step, t.seed), train_data, ref_train)
+                idx = B.batch_for_step(groups, step, t.seed)
+                if route == "gkd" and is_on_policy_step(_kd(student).lmbda, t.seed, step):
+                    examples, generated = student_samples(
+                        model, tokenizer, [train_data[i] for i in idx], _kd(student), t, step
+                    )
+                    batch = B.collate(examples)
+                    on_policy["steps"] += 1
+                    on_policy["generated_tokens"] += generated
+                else:
+                    batch = make_batch(idx, train_data, ref_train, train_cache)
                 # Dropout randomness is a function of (seed, step), so a resumed run draws
                 # exactly what an uninterrupted one would (MLX cannot restore a saved key).
                 mx.random.seed(t.seed * 1_000_003 + step)
@@ -391,6 +509,9 @@ def train(
                         "peak_memory_gb": mx.get_peak_memory() / 1e9,
                         "elapsed_s": time.perf_counter() - t_start,
                     }
+                    if route == "gkd":
+                        row["on_policy_steps"] = on_policy["steps"]
+                        row["generated_tokens"] = on_policy["generated_tokens"]
                     if do_eval:
                         val = ST.evaluate(model, loss_fn, val_batches)
                         row["val_loss"] = val
