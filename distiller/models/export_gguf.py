@@ -269,9 +269,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=tuple(QUANT_TYPES),
         default=DEFAULT_QUANT,
         help=(
-            "type of the 2-D weights (norms stay f32): f32 exact, f16 half the size, "
-            "q8_0 8-bit blocks of 32 (about a quarter), q4_0 4-bit blocks of 32 (about an "
-            f"eighth). Default: {DEFAULT_QUANT}"
+            "type of the 2-D weights (the norms stay f32): f32 (exact), f16, q8_0 (blocks of 32 "
+            "int8 with one f16 scale: 8.5 bits a weight) or q4_0 (4-bit blocks of 32: 4.5 bits a "
+            f"weight; the most error). Default: {DEFAULT_QUANT}"
         ),
     )
     parser.add_argument(
