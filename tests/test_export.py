@@ -121,6 +121,22 @@ def test_round_trip_logits(which, quant, tiny_model_dir, dropped_student, tmp_pa
         assert _relative_rms(have, _logits(original, tokenizer, text)) < 1e-5, (quant, text)
 
 
+def test_mlx_quantized_model_exports_its_dequantized_weights(tiny_model_dir, tmp_path, monkeypatch):
+    """An MLX 8-bit model: dequantized weights are exact in f32, so f32 export is lossless."""
+    from mlx_lm import convert
+
+    from distiller.models import load_model
+
+    quantized = tmp_path / "q8"
+    convert(str(tiny_model_dir), str(quantized), quantize=True, q_bits=8, q_group_size=32)
+    _, imported = _export_and_import(quantized, "f32", tmp_path, monkeypatch)
+    original, tokenizer = load_model(quantized)
+    back, _ = load_model(imported, dtype="float32")
+    for text in TEXTS:
+        want, have = _logits(original, tokenizer, text), _logits(back, tokenizer, text)
+        assert _relative_rms(have, want) < 1e-5, text
+
+
 def test_tokenizer_and_metadata_round_trip(dropped_student, tmp_path, monkeypatch):
     import gguf
 

@@ -66,8 +66,8 @@ def _check_out(out: Path) -> None:
         raise UserError(f"{out}: {parent} is a file, not a directory")
 
 
-def _llama_args(model_dir: Path) -> None:
-    """Refuse, in one line, a model the llama GGUF layout cannot carry."""
+def _llama_config(model_dir: Path) -> dict[str, Any]:
+    """The model's config.json; refused in one line when the llama GGUF layout cannot carry it."""
     from distiller.models.check import read_json_object
 
     config = read_json_object(model_dir / "config.json", "model config")
@@ -85,6 +85,7 @@ def _llama_args(model_dir: Path) -> None:
         kind = scaling.get("type", scaling.get("rope_type")) if isinstance(scaling, dict) else None
         if kind not in ("linear", "default"):
             raise UserError(f"{model_dir}: rope_scaling {kind!r} is not exported (only 'linear')")
+    return config
 
 
 def _float_weights(model: Any) -> dict[str, np.ndarray]:
@@ -132,8 +133,9 @@ def export_gguf(
     out = Path(out).expanduser()
     _check_out(out)
     model_dir = resolve_model(model)
-    _llama_args(model_dir)
-    tokenizer = gguf_tokenizer_from_dir(model_dir, 0)  # before the weights: fail fast
+    config = _llama_config(model_dir)
+    # the tokenizer before the weights: a tokenizer we cannot export fails fast
+    tokenizer = gguf_tokenizer_from_dir(model_dir, int(config.get("vocab_size") or 0))
 
     mlx_model, _ = load_model(model_dir, dtype="float32")
     args = mlx_model.args
@@ -141,12 +143,11 @@ def export_gguf(
     del mlx_model
     mx.clear_cache()
     vocab = int(weights["model.embed_tokens.weight"].shape[0])
-    if len(tokenizer.tokens) > vocab:
+    if len(tokenizer.tokens) != vocab:
         raise UserError(
             f"{model_dir}: the tokenizer has {len(tokenizer.tokens)} tokens, the model's "
-            f"embedding only {vocab} rows"
+            f"embedding {vocab} rows"
         )
-    tokenizer = gguf_tokenizer_from_dir(model_dir, vocab)
 
     heads, kv_heads = int(args.num_attention_heads), int(args.num_key_value_heads)
     hidden, layers = int(args.hidden_size), int(args.num_hidden_layers)
