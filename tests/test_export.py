@@ -252,8 +252,16 @@ def test_real_model_f32_round_trip(tmp_path, monkeypatch):
 
 def _llama(path: Path):
     llama_cpp = pytest.importorskip("llama_cpp")
+    f32 = 0  # GGML_TYPE_F32: the KV cache in f32 too (llama.cpp's default is f16)
     return llama_cpp.Llama(
-        str(path), n_ctx=512, n_batch=512, logits_all=True, n_threads=2, verbose=False
+        str(path),
+        n_ctx=512,
+        n_batch=512,
+        logits_all=True,
+        n_threads=2,
+        type_k=f32,
+        type_v=f32,
+        verbose=False,
     )
 
 
