@@ -47,7 +47,13 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def _entries(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
-    return [e for e in doc.get("entries", {}).values() if isinstance(e, dict)]
+    """The report's entries, each with its task, prompt set and model named ("?" if not)."""
+    entries = doc.get("entries", {})
+    return [
+        {**e, **{k: str(e.get(k, "?")) for k in ("task", "prompt_set", "model")}}
+        for e in (entries.values() if isinstance(entries, Mapping) else ())
+        if isinstance(e, dict)
+    ]
 
 
 def _grouped_bars(ax: Any, groups: list[str], models: list[str], value: Any) -> None:

@@ -29,6 +29,7 @@ from typing import Any
 
 from distiller.files import atomic_write
 from distiller.metrics import Rate
+from distiller.plots import write_plots
 
 # 2: rates carry ``by_prompt`` verdicts (paired gating). 1: counts only.
 BASELINE_VERSION = 2
@@ -206,6 +207,54 @@ def samples_markdown(results: Sequence[Any], n: int = 3, width: int = 400) -> st
     return "\n".join(parts)
 
 
+def classification_markdown(results: Sequence[Any]) -> str:
+    """Per result of a classification task: accuracy with its Wilson interval, macro-F1 (and,
+    for ranked labels, the same without calibration), per-class precision / recall / F1 and the
+    confusion matrix. Empty when no result has per-class figures."""
+    from tabulate import tabulate
+
+    from distiller.metrics import rate
+
+    parts = []
+    for r in sorted(results, key=lambda r: _row_order({**r.header(), "model": r.model})):
+        task = r.metrics.get("task", {})
+        per_class, confusion = task.get("per_class"), task.get("confusion")
+        if not per_class or not confusion:
+            continue
+        n = r.metrics["n"]
+        acc = rate(round(task["accuracy"] * n), n)
+        line = f"accuracy {acc.value:.3f} [{acc.lo:.3f}, {acc.hi:.3f}] ({acc.k}/{n}), "
+        line += f"macro-F1 {task['macro_f1']:.3f}"
+        decoder = (r.metrics.get("classify") or {}).get("decoder", "generate")
+        if "accuracy_uncalibrated" in task:
+            line += (
+                f"; without calibration: accuracy {task['accuracy_uncalibrated']:.3f}, "
+                f"macro-F1 {task['macro_f1_uncalibrated']:.3f}; mean top-2 margin "
+                f"{task['mean_margin']:.3f}"
+            )
+        labels = confusion["labels"]
+        rows = [
+            [
+                y,
+                *(f"{per_class[y][k]:.3f}" for k in ("precision", "recall", "f1")),
+                per_class[y]["support"],
+            ]
+            for y in labels
+        ]
+        matrix = [[y, *row] for y, row in zip(labels, confusion["matrix"], strict=True)]
+        parts += [
+            f"### {r.task} / {r.prompt_set} / {r.model} (decoder: {decoder})\n",
+            line + "\n",
+            tabulate(
+                rows, headers=["class", "precision", "recall", "F1", "support"], tablefmt="github"
+            ),
+            "",
+            tabulate(matrix, headers=["gold \\ predicted", *labels], tablefmt="github"),
+            "",
+        ]
+    return "\n".join(parts)
+
+
 # ---------------------------------------------------------------------------------------------
 # Files
 
@@ -260,6 +309,10 @@ def build_report(
         "Section columns: share of outputs with that section present once, in order, non-empty. "
         "Latency and decode tok/s: single stream; batch columns: batched greedy generation.\n"
     )
+    classes = classification_markdown(results)
+    if classes:
+        md.append("## Classification\n")
+        md.append(classes)
     if extra:
         md.append("## Other measurements\n")
         for k, v in extra.items():
@@ -276,6 +329,7 @@ def write_reports(doc: dict[str, Any], markdown: str, out_dir: str | Path) -> Pa
     out = Path(out_dir)
     atomic_write(out / "latest.md", markdown, durable=False)
     atomic_write(out / "latest.json", json.dumps(doc, indent=2, default=str) + "\n", durable=False)
+    write_plots(doc, out)  # the PNG plots beside latest.md (distiller.plots)
     with open(out / "history.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps(doc, default=str, separators=(",", ":")) + "\n")
     return out

@@ -162,28 +162,36 @@ def test_completion_is_what_generate_one_gives(server: Server, loaded) -> None:
 
 
 def test_stream_gives_the_same_text_and_a_verdict(server: Server, loaded) -> None:
+    """Streamed text is exactly the final text, with and without a stop string (one taken
+    from the middle of the unstopped answer, so it is met), and ends with the verdict."""
     from distiller.spec import load_spec
     from distiller.validators import build_validator
 
     client = server.client()
-    for stop in ([], ["re"]):
-        decoding = Decoding(max_tokens=20, stop=tuple(stop))
-        want = reference(loaded, "teacher", "Say something.", decoding)
+    validator = build_validator(load_spec(server_spec(server)).validators)
+    sampled = {"max_tokens": 20, "temperature": 1.0, "seed": 3}
+    full = reference(loaded, "teacher", "Say something.", Decoding(**sampled))
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    assert len(stop) == 3 and stop.strip()
+    for stops in ([], [stop]):
+        want = reference(
+            loaded, "teacher", "Say something.", Decoding(**sampled, stop=tuple(stops))
+        )
+        assert (want == full) == (not stops)  # the premise: the stop string cuts the text
         chunks = list(
             client.chat.completions.create(
                 model="teacher",
                 messages=[{"role": "user", "content": "Say something."}],
-                max_tokens=20,
-                stop=stop or None,
+                stop=stops or None,
                 stream=True,
                 stream_options={"include_usage": True},
+                **sampled,
             )
         )
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         assert text == want
         final = next(c for c in chunks if c.choices and c.choices[0].finish_reason)
         extra = final.model_extra["distiller"]
-        validator = build_validator(load_spec(server_spec(server)).validators)
         assert extra["verdict"] == validator(want).to_dict()
         assert extra["latency_s"] > 0
         assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
@@ -221,10 +229,13 @@ def test_seeded_sampling_does_not_depend_on_the_batch(server: Server, loaded) ->
 
 def test_concurrent_clients_get_their_own_answers(server: Server, loaded) -> None:
     """LOAD_CLIENTS clients for LOAD_SECONDS, each asking distinct prompts of both models
-    (every third one streamed): every answer is the one generate_one gives for that prompt."""
+    (every third one streamed), sampled with a seed of its own: every answer is the one
+    generate_one gives for that prompt and seed. Seeded samples of a random model differ from
+    one another, so an answer handed to the wrong request cannot go unnoticed."""
     client = server.client()
     stop_at = time.monotonic() + LOAD_SECONDS
-    answers: list[tuple[str, str, str, float, int]] = []  # model, prompt, text, seconds, tokens
+    # model, prompt, seed, text, seconds, completion tokens
+    answers: list[tuple[str, str, int, str, float, int]] = []
     errors: list[BaseException] = []
     lock = threading.Lock()
 
@@ -233,12 +244,13 @@ def test_concurrent_clients_get_their_own_answers(server: Server, loaded) -> Non
         while time.monotonic() < stop_at:
             name = ("teacher", "distilled")[(k + i) % 2]
             prompt = f"Client {k} asks question {i}: what is {k} plus {i}?"
+            seed = 1000 * k + i
             start = time.perf_counter()
             try:
                 if i % 3 == 2:
                     stream = client.chat.completions.create(
                         model=name, messages=[{"role": "user", "content": prompt}],
-                        max_tokens=12, temperature=0, stream=True,
+                        max_tokens=12, temperature=1.0, seed=seed, stream=True,
                         stream_options={"include_usage": True},
                     )  # fmt: skip
                     chunks = list(stream)
@@ -247,7 +259,7 @@ def test_concurrent_clients_get_their_own_answers(server: Server, loaded) -> Non
                 else:
                     r = client.chat.completions.create(
                         model=name, messages=[{"role": "user", "content": prompt}],
-                        max_tokens=12, temperature=0,
+                        max_tokens=12, temperature=1.0, seed=seed,
                     )  # fmt: skip
                     text, tokens = r.choices[0].message.content, r.usage.completion_tokens
             except BaseException as exc:
@@ -255,7 +267,7 @@ def test_concurrent_clients_get_their_own_answers(server: Server, loaded) -> Non
                     errors.append(exc)
                 return
             with lock:
-                answers.append((name, prompt, text, time.perf_counter() - start, tokens))
+                answers.append((name, prompt, seed, text, time.perf_counter() - start, tokens))
             i += 1
 
     wall = time.perf_counter()
@@ -268,11 +280,13 @@ def test_concurrent_clients_get_their_own_answers(server: Server, loaded) -> Non
     assert not errors, errors[:3]
     assert len(answers) >= LOAD_CLIENTS
     assert len({(m, p) for m, p, *_ in answers}) == len(answers)  # each prompt asked once
-    for name, prompt, text, *_ in answers:
-        assert text == reference(loaded, name, prompt, Decoding(max_tokens=12)), (name, prompt)
+    for name, prompt, seed, text, *_ in answers:
+        decoding = Decoding(temperature=1.0, max_tokens=12, seed=seed)
+        assert text == reference(loaded, name, prompt, decoding), (name, prompt)
+    assert len({a[3] for a in answers}) == len(answers)  # the premise: no two alike
 
-    seconds = np.array([a[3] for a in answers])
-    tokens = sum(a[4] for a in answers)
+    seconds = np.array([a[4] for a in answers])
+    tokens = sum(a[5] for a in answers)
     metrics = httpx.get(f"{server.url}/metrics").json()
     batches = {n: m["worker"] for n, m in metrics["models"].items()}
     print(
@@ -288,7 +302,8 @@ def test_concurrent_clients_get_their_own_answers(server: Server, loaded) -> Non
 
 
 def test_queued_completions_run_as_one_batch(loaded) -> None:
-    """Completions queued while the worker is busy join one batch, each with its own answer."""
+    """Completions queued while the worker is busy join one batch, each with its own answer
+    (seeded samples: distinct, so a mix-up would show)."""
     from distiller.serve.batching import CallJob, GenerateJob, ModelWorker
 
     model, tokenizer = loaded["teacher"]
@@ -297,9 +312,10 @@ def test_queued_completions_run_as_one_batch(loaded) -> None:
     try:
         busy = worker.submit(CallJob(lambda _m, _t: release.wait(30)))
         prompts = [f"Question number {i}?" for i in range(5)]
+        decodings = [Decoding(temperature=1.0, max_tokens=10, seed=i) for i in range(5)]
         jobs = [
-            GenerateJob(chat_prompt(tokenizer, build_messages(p)), Decoding(max_tokens=10))
-            for p in prompts
+            GenerateJob(chat_prompt(tokenizer, build_messages(p)), d)
+            for p, d in zip(prompts, decodings, strict=True)
         ]
         futures = [worker.submit(j) for j in jobs]
         release.set()
@@ -308,7 +324,33 @@ def test_queued_completions_run_as_one_batch(loaded) -> None:
     finally:
         worker.close()
     assert worker.stats.batches == 1 and worker.stats.largest_batch == 5
-    assert texts == [reference(loaded, "teacher", p, Decoding(max_tokens=10)) for p in prompts]
+    want = [reference(loaded, "teacher", p, d) for p, d in zip(prompts, decodings, strict=True)]
+    assert texts == want
+    assert len(set(want)) == len(want)
+
+
+def test_past_the_concurrency_limit_is_429(loaded) -> None:
+    """The app in-process (its own worker), with its one slot taken: a clear 429, then a
+    completion once the slot is free again."""
+    from fastapi.testclient import TestClient
+
+    from distiller.serve.app import Limits, ServeState, create_app
+    from distiller.serve.batching import ModelWorker
+
+    model, tokenizer = loaded["teacher"]
+    state = ServeState(
+        workers={"m": ModelWorker("m", model, tokenizer)}, limits=Limits(max_concurrency=1)
+    )
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    try:
+        with TestClient(create_app(state)) as client:
+            state.in_flight = 1  # as if one request were being served
+            _error(client.post("/v1/chat/completions", json=body), 429, "at most 1")
+            state.in_flight = 0
+            assert client.post("/v1/chat/completions", json=body).status_code == 200
+            assert state.in_flight == 0
+    finally:
+        state.workers["m"].close()
 
 
 # -- label ranking ---------------------------------------------------------------------------
