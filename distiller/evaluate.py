@@ -206,14 +206,20 @@ def task_metrics(spec: TaskSpec, records: list[dict[str, Any]]) -> dict[str, Any
         out["field_accuracy"] = fa["overall"]
         out["field_accuracy_by_field"] = fa["fields"]
         out["exact_object"] = fa["exact"]
-    elif refs and all(isinstance(x, str) for x in refs):
-        out["exact_match"] = statistics.fmean(
-            M.exact_match(t, x) for t, x in zip(texts, refs, strict=True)
-        )
-        out["token_f1"] = statistics.fmean(
-            M.token_f1(t, x) for t, x in zip(texts, refs, strict=True)
-        )
+    elif refs and all(_is_answers(x) for x in refs):
+        # Gold answers: a string, or a list of accepted ones (the best match counts, as SQuAD).
+        for r, t, x in zip(records, texts, refs, strict=True):
+            r["exact_match"], r["token_f1"] = M.exact_match(t, x), M.token_f1(t, x)
+        out["exact_match"] = statistics.fmean(r["exact_match"] for r in records)
+        out["token_f1"] = statistics.fmean(r["token_f1"] for r in records)
     return out
+
+
+def _is_answers(reference: Any) -> bool:
+    """A gold answer string, or a non-empty list of them."""
+    if isinstance(reference, list):
+        return bool(reference) and all(isinstance(x, str) for x in reference)
+    return isinstance(reference, str)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,7 +356,7 @@ def evaluate_together(
     for set_name, set_prompts in sets.items():
         records, verdicts = [], []
         for p, g in zip(set_prompts, outputs, strict=False):
-            v = validator(g.text)
+            v = validator(g.text, p)
             verdicts.append(v)
             records.append(
                 {

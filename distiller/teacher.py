@@ -227,7 +227,7 @@ def run_teacher(
 
     def record(prompt, index: int, req: CompletionRequest, c: Completion) -> dict:
         if check is not None:
-            verdict = check(c.text)
+            verdict = check(c.text, prompt)
             accepted, score = verdict.passed, verdict.score
             reasons = list(verdict.reasons)
             failed = [ch.name for ch in verdict.checks if not ch.passed]

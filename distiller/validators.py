@@ -30,6 +30,12 @@ Validator types and their params (defaults in brackets):
   final period are ignored.
 - ``regex``: ``must_match`` / ``must_not_match`` (lists of patterns), ``ignore_case`` [false];
   patterns use ``re.MULTILINE``.
+- ``span``: ``field`` [context] (the prompt field holding the passage), ``max_words`` [10]. The
+  whole output is a short answer copied from the passage: at most ``max_words`` words, and after
+  SQuAD normalization (``distiller.metrics.normalize_answer``: case, punctuation, articles,
+  whitespace) its words occur consecutively in the passage's. It needs the prompt:
+  ``validator(text, prompt)`` reads the passage from ``prompt.meta[field]`` (the prompt's own
+  text when the field is absent, as for a few-shot example); without a prompt it fails.
 """
 
 from __future__ import annotations
@@ -54,8 +60,11 @@ __all__ = [
     "check_params",
     "extract_json",
     "find_sections",
+    "is_span",
     "normalize_label",
     "similarity",
+    "span_checks",
+    "span_source",
     "split_sections",
     "split_sentences",
     "words",
@@ -263,6 +272,7 @@ _PARAMS: dict[str, dict[str, _Spec]] = {
         "must_not_match": (list, []),
         "ignore_case": (bool, False),
     },
+    "span": {"field": (str, "context"), "max_words": (int, 10)},
 }
 
 VALIDATOR_TYPES: tuple[str, ...] = tuple(_PARAMS)
@@ -359,6 +369,11 @@ def _check_semantics(type_: str, p: dict[str, Any]) -> None:
             _load_schema_file(p)
         else:
             _check_schema(p["schema"], None)
+    if type_ == "span":
+        if not p["field"].strip():
+            raise ParamError("field", "a non-empty field name")
+        if p["max_words"] < 1:
+            raise ParamError("max_words", f"an integer >= 1, got {p['max_words']}")
     if type_ == "regex":
         if not p["must_match"] and not p["must_not_match"]:
             raise ParamError("must_match", "at least one pattern in must_match or must_not_match")
@@ -652,6 +667,50 @@ def _regex_fn(p: dict[str, Any]) -> _CheckFn:
     return run
 
 
+def span_source(prompt: Any, field: str = "context") -> str | None:
+    """The passage a ``span`` answer must come from: ``prompt.meta[field]``, else the prompt's
+    text (a few-shot example has no fields); None without a prompt."""
+    if prompt is None:
+        return None
+    value = (getattr(prompt, "meta", None) or {}).get(field)
+    return str(value) if value is not None else str(prompt.text)
+
+
+def is_span(answer: str, source: str) -> bool:
+    """Whether ``answer``'s words, SQuAD-normalized, occur consecutively in ``source``'s."""
+    from distiller.metrics import normalize_answer
+
+    norm = normalize_answer(answer)
+    return bool(norm) and f" {norm} " in f" {normalize_answer(source)} "
+
+
+def span_checks(answer: str, source: str | None, max_words: int) -> list[Check]:
+    """A short answer (1 to ``max_words`` normalized words) that is a span of ``source``."""
+    from distiller.metrics import normalize_answer
+
+    n_words = len(normalize_answer(answer).split())
+    short = 0 < n_words <= max_words
+    shown = repr(_clip(answer.strip()))
+    reason = "" if short else f"an answer of 1 to {max_words} words, got {n_words}: {shown}"
+    checks = [Check("span:short", short, reason)]
+    if source is None:
+        checks.append(Check("span:in_context", False, "no passage to check the answer against"))
+    else:
+        found = is_span(answer, source)
+        reason = "" if found else f"{shown} is not a span of the passage"
+        checks.append(Check("span:in_context", found, reason))
+    return checks
+
+
+def _span_fn(p: dict[str, Any]) -> Callable[[str, Any], tuple[list[Check], None]]:
+    field_name, max_words = p["field"], p["max_words"]
+
+    def run(text: str, prompt: Any) -> tuple[list[Check], None]:
+        return span_checks(text, span_source(prompt, field_name), max_words), None
+
+    return run
+
+
 _BUILDERS: dict[str, Callable[[dict[str, Any]], _CheckFn]] = {
     "sections": _sections_fn,
     "distinct_sections": _distinct_fn,
@@ -660,6 +719,7 @@ _BUILDERS: dict[str, Callable[[dict[str, Any]], _CheckFn]] = {
     "json_schema": _json_fn,
     "label": _label_fn,
     "regex": _regex_fn,
+    "span": _span_fn,  # type: ignore[dict-item]  # takes the prompt too (Validator.__call__)
 }
 
 
@@ -681,16 +741,17 @@ def quality(text: str) -> float:
 
 @dataclass
 class Validator:
-    """``validator(text) -> Verdict``; build with ``build_validator``."""
+    """``validator(text, prompt=None) -> Verdict``; build with ``build_validator``. ``prompt``
+    (a ``distiller.spec.Prompt``) is read only by checks about the input (``span``)."""
 
     fns: list[_CheckFn] = field(default_factory=list)
     types: list[str] = field(default_factory=list)
 
-    def __call__(self, text: str) -> Verdict:
+    def __call__(self, text: str, prompt: Any = None) -> Verdict:
         checks: list[Check] = []
         sections: dict[str, bool] = {}
-        for fn in self.fns:
-            c, sec = fn(text)
+        for fn, type_ in zip(self.fns, self.types, strict=True):
+            c, sec = fn(text, prompt) if type_ == "span" else fn(text)  # type: ignore[call-arg]
             checks += c
             if sec is not None:
                 sections.update(sec)

@@ -536,7 +536,7 @@ def _check_few_shot_passes(
 
     check = build_validator(validators)
     for i, ex in enumerate(teacher.few_shot):
-        verdict = check(ex.assistant)
+        verdict = check(ex.assistant, Prompt(id=f"few_shot[{i}]", text=ex.user))
         if not verdict.passed:
             raise doc.error(
                 f"teacher.few_shot[{i}].assistant",
@@ -556,6 +556,49 @@ def _check_held_out(doc: Doc, prompts: tuple[Prompt, ...], ev: EvalSpec) -> None
                     key,
                     f"prompts not in the curriculum; {p.id!r} is the curriculum's {train_texts[norm_text(p.text)]!r}",
                 )
+
+
+def _check_span_references(
+    doc: Doc, validators: tuple[ValidatorSpec, ...], sets: dict[str, tuple[Prompt, ...]]
+) -> None:
+    """With a ``span`` validator, every prompt of ``sets`` (key in the spec -> prompts) has the
+    passage field, and a prompt's gold answers (``reference``: a string or a list of them, the
+    first being the span as the passage writes it, the others accepted variants such as "3" for
+    "three") are non-empty after SQuAD normalization, the first a span of the passage: a gold
+    answer the passage does not hold would score every model wrong."""
+    from distiller.metrics import normalize_answer
+    from distiller.validators import is_span, span_source
+
+    span = next((v for v in validators if v.type == "span"), None)
+    if span is None:
+        return
+    field_name = span.params["field"]
+    for key, prompts in sets.items():
+        for p in prompts:
+            if field_name not in p.meta:
+                raise doc.error(
+                    key, f"a {field_name!r} field on every prompt (the span validator's passage); "
+                    f"{p.id!r} has none",
+                )  # fmt: skip
+            if p.reference is None:
+                continue
+            refs = [p.reference] if isinstance(p.reference, str) else p.reference
+            if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs):
+                raise doc.error(
+                    key, f"gold answers as a string or a non-empty list of strings; {p.id!r} has "
+                    f"{_clip(p.reference)}",
+                )  # fmt: skip
+            empty = next((r for r in refs if not normalize_answer(r)), None)
+            if empty is not None:
+                raise doc.error(
+                    key, f"gold answers with words left after SQuAD normalization; {p.id!r} has "
+                    f"{empty!r}",
+                )  # fmt: skip
+            if not is_span(refs[0], span_source(p, field_name) or ""):
+                raise doc.error(
+                    key, f"gold answers found in their {field_name}; {p.id!r}'s answer "
+                    f"{refs[0]!r} is not in its {field_name}",
+                )  # fmt: skip
 
 
 def load_spec(path: str | Path) -> TaskSpec:
@@ -594,6 +637,12 @@ def load_spec(path: str | Path) -> TaskSpec:
     split = _split(top.sub("split", _SPLIT), prompts)
     ev = _eval(top.sub("eval", _EVAL), base, template, fld)
     _check_held_out(doc, prompts, ev)
+    _check_span_references(
+        doc,
+        validators,
+        {"prompts": prompts, "eval.dev": ev.dev}
+        | {f"eval.prompt_sets.{k}": v for k, v in ev.prompt_sets.items()},
+    )
 
     return TaskSpec(
         name=name,
