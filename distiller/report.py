@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from distiller.files import atomic_write
-from distiller.metrics import Rate
+from distiller.metrics import Rate, rate
 from distiller.plots import write_plots
 
 # 2: rates carry ``by_prompt`` verdicts (paired gating). 1: counts only.
@@ -154,6 +154,13 @@ def comparison_frame(summaries: Sequence[dict[str, Any]], reference: str = "vani
         for h, r in s["sections"].items():
             row[h] = None if r["n"] == 0 else round(r["value"], 2)
         row["task metric"] = f"{tm[0]} {tm[1]:.2f}" if tm else None
+        answers = s["task_metrics"]
+        if isinstance(answers.get("exact_match"), (int, float)) and s["n"]:
+            # Exact match is a mean of 0/1 scores: a rate of round(value * n) prompts, with its
+            # Wilson interval; token F1 (graded per prompt) is shown as its mean.
+            em = rate(round(answers["exact_match"] * s["n"]), s["n"])
+            row["exact match [95% CI]"] = _fmt_rate(em.to_dict())
+            row["token F1"] = _num(answers.get("token_f1"), 2)
         if ref is not None and ref is not s and ref["format"]["n"] and s["format"]["n"]:
             row[f"Δ format vs {reference}"] = (
                 f"{s['format']['value'] - ref['format']['value']:+.2f}"
@@ -202,6 +209,8 @@ def samples_markdown(results: Sequence[Any], n: int = 3, width: int = 400) -> st
                 if rec is None:
                     continue
                 mark = "PASS" if rec["passed"] else "FAIL: " + "; ".join(rec["reasons"][:3])
+                if "exact_match" in rec:  # scored against gold answers
+                    mark += f"; EM {rec['exact_match']:.0f}, F1 {rec['token_f1']:.2f}"
                 body = rec["output"].strip().replace("```", "'''") or "(empty)"
                 parts.append(f"**{model}** ({mark})\n\n```\n{body[: width * 2]}\n```\n")
     return "\n".join(parts)

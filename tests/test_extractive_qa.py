@@ -13,10 +13,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from distiller import report as R
 from distiller.datagen import qa
 from distiller.errors import SpecError
-from distiller.evaluate import task_metrics
-from distiller.metrics import normalize_answer
+from distiller.evaluate import EvalResult, task_metrics
+from distiller.metrics import normalize_answer, rate, wilson_interval
 from distiller.spec import load_spec
 from distiller.spec.schema import Prompt
 from distiller.validators import build_validator, is_span
@@ -171,3 +172,37 @@ def test_task_metrics_score_against_lists_of_gold_answers():
     assert out["exact_match"] == pytest.approx(1 / 3)
     assert out["token_f1"] == pytest.approx((1 + 2 / 3 + 0) / 3)
     assert [r["exact_match"] for r in records] == [1.0, 0.0, 0.0]  # per prompt, for the report
+
+
+# -- the report --------------------------------------------------------------------------------
+
+
+def _qa_result(model: str, em: list[float], f1: list[float]) -> EvalResult:
+    n = len(em)
+    records = [
+        {"id": f"q{i}", "prompt": f"Context: ... {i}", "output": f"answer {i}", "passed": True,
+         "reasons": [], "sections": {}, "exact_match": e, "token_f1": f}
+        for i, (e, f) in enumerate(zip(em, f1, strict=True))
+    ]  # fmt: skip
+    metrics = {
+        "n": n,
+        "format": rate(n, n).to_dict(),
+        "sections": {},
+        "task": {"exact_match": sum(em) / n, "token_f1": sum(f1) / n},
+    }
+    return EvalResult(model, "qa", "split:test", "bare", records, metrics, key=f"k-{model}")
+
+
+def test_report_shows_exact_match_with_interval_and_f1_per_model():
+    results = [
+        _qa_result("vanilla", [0.0] * 8 + [1.0] * 2, [0.25] * 10),
+        _qa_result("distilled", [1.0] * 6 + [0.0] * 4, [1.0] * 6 + [0.5] * 4),
+    ]
+    frame = R.comparison_frame([R.summarize(r) for r in results]).set_index("model")
+    lo, hi = wilson_interval(6, 10)
+    assert frame.loc["distilled", "exact match [95% CI]"] == f"0.60 [{lo:.2f}, {hi:.2f}]"
+    assert frame.loc["vanilla", "exact match [95% CI]"].startswith("0.20 [")
+    assert frame.loc["distilled", "token F1"] == pytest.approx(0.8)
+    assert frame.loc["vanilla", "token F1"] == pytest.approx(0.25)
+    md = R.samples_markdown(results, n=1)
+    assert "**vanilla** (PASS; EM 0, F1 0.25)" in md and "**distilled** (PASS; EM 1, F1 1.00)" in md
