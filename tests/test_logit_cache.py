@@ -297,3 +297,75 @@ def test_spec_cache_settings(tmp_path, tiny_model_dir):
         with pytest.raises(UserError, match=match):
             spec(bad)
     assert LC.bytes_per_token(32) == 196
+
+
+# ---------------------------------------------------------------------------- served teacher
+
+
+@pytest.fixture
+def served_tiny_model(tiny_model_factory):
+    """A real ``mlx_lm.server`` on loopback serving the tiny teacher; yields its /v1 URL."""
+    import socket
+    import urllib.request
+
+    model_dir = tiny_model_factory(seed=3)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlx_lm.server", "--model", str(model_dir), "--host",
+         "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    break
+            except OSError:
+                if time.time() > deadline or proc.poll() is not None:
+                    pytest.fail("mlx_lm.server did not come up")
+                time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}/v1", model_dir
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_served_teacher_fills_the_same_cache(tmp_path, served_tiny_model):
+    """The cache filled from mlx_lm.server's top_logprobs (teacher-forced, one request per
+    answer token) holds the local teacher's log-probabilities of the tokens it names."""
+    url, model_dir = served_tiny_model
+    teacher, tok = load(str(model_dir))
+    examples = _examples(tok, 2)
+    scorer = LC.endpoint_scorer(url, "default_model", tok, 5)
+    served, report = LC.build_cache(
+        examples, tmp_path / "c", scorer, fingerprint="served", top_k=5, temperature=1.0
+    )
+    assert report.positions == sum(LC.supervised_count(e) for e in examples) > 0
+    batch = B.collate(examples)
+    n = int(batch["sel_mask"].sum())
+    local = L.F.log_softmax(_logits(teacher, batch)[:n].astype(mx.float32), axis=-1)
+    at_ids = np.take_along_axis(np.array(local), served.indices, axis=1)
+    np.testing.assert_allclose(served.logprobs.astype(np.float32), at_ids, atol=2e-3)
+    # They are the teacher's 5 likeliest (up to rounding near ties): the 5th is at least as
+    # likely as the local 6th.
+    sorted_local = -np.sort(-np.array(local), axis=1)
+    assert np.all(served.logprobs[:, -1].astype(np.float32) >= sorted_local[:, 5] - 2e-3)
+    mass = np.exp(served.logprobs.astype(np.float64)).sum(1) + np.exp(served.log_tail)
+    np.testing.assert_allclose(mass, 1.0, atol=5e-3)
+
+
+def test_served_teacher_with_another_tokenizer_is_refused(tmp_path, served_tiny_model):
+    """The server's model has another vocabulary than this student's: refused, naming it."""
+    url, _ = served_tiny_model
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny_lm import build_tiny_model_dir as build_other_vocab
+
+    other_dir = build_other_vocab(tmp_path / "other")
+    _, other_tok = load(str(other_dir))
+    examples = _examples(other_tok, 1)
+    with pytest.raises(UserError, match=r"tokenizer is not the student's"):
+        LC.endpoint_scorer(url, "default_model", other_tok, 3)(examples)

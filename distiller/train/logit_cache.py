@@ -265,3 +265,103 @@ def split_cached_rows(cache: TeacherTopK) -> Callable[[dict, int], list[dict]]:
 
 def print_log(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------- served teacher
+
+
+def endpoint_scorer(
+    url: str,
+    model: str,
+    tokenizer: Any,
+    top_k: int,
+    *,
+    timeout_s: float = 120.0,
+) -> ScoreFn:
+    """Scores examples with an OpenAI-compatible server's ``top_logprobs`` (``mlx_lm.server``,
+    vLLM, llama.cpp): the same cache, filled by a served teacher at temperature 1.
+
+    Servers report log-probabilities of the tokens they generate, not of a given answer, so
+    each supervised position is one teacher-forced ``/completions`` request: the text of the
+    tokens before it as the prompt, ``max_tokens: 1``, ``top_logprobs: k`` (mlx_lm.server
+    allows at most 11). One request per answer token: slow, but it needs nothing from the
+    server beyond the API (a server that reuses prompt prefixes makes it cheaper).
+
+    Tokenizer mismatch is refused, not aligned: the prompt text must encode back to exactly
+    the student's tokens, and every token the server names must have the same id in the
+    student's vocabulary; the first difference is a ``UserError`` naming it. The tail is what
+    the k reported probabilities leave, 1 - sum.
+    """
+    import json
+    import urllib.error
+    import urllib.request
+
+    from distiller.errors import UserError
+
+    endpoint = url.rstrip("/") + "/completions"
+
+    def ask(prompt: str) -> list[dict]:
+        body = {
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "logprobs": True,
+            "top_logprobs": top_k,
+        }
+        req = urllib.request.Request(
+            endpoint, json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+                reply = json.loads(resp.read())
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            raise UserError(f"{endpoint}: no top_logprobs from the server ({exc})") from None
+        try:
+            return reply["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+        except (KeyError, IndexError, TypeError):
+            raise UserError(
+                f"{endpoint}: the reply has no choices[0].logprobs.content[0].top_logprobs "
+                "(does the server support logprobs on completions?)"
+            ) from None
+
+    def position(tokens: list[int]) -> tuple[list[int], list[float]]:
+        text = tokenizer.decode(tokens)
+        if list(tokenizer.encode(text)) != tokens:
+            raise UserError(
+                f"{endpoint}: a served teacher sees text, and the text of these {len(tokens)} "
+                "tokens does not encode back to them; refusing rather than scoring another "
+                "context"
+            )
+        entries = ask(text)
+        ids, vals = [], []
+        for e in entries[:top_k]:
+            here = tokenizer.convert_tokens_to_ids(e.get("token"))
+            if here != e.get("id"):
+                raise UserError(
+                    f"{endpoint}: the server's tokenizer is not the student's: token "
+                    f"{e.get('token')!r} is id {e.get('id')} there, {here} here; a served teacher "
+                    "must share the student's vocabulary (refused, not aligned)"
+                )
+            ids.append(int(e["id"]))
+            vals.append(float(e["logprob"]))
+        if len(ids) != top_k:
+            raise UserError(f"{endpoint}: asked for {top_k} top_logprobs, got {len(ids)}")
+        return ids, vals
+
+    def score(examples: Sequence[B.Example]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        idx, vals = [], []
+        for e in examples:
+            n = len(e.tokens) - 1
+            for p in range(max(e.offset - 1, 0), n):
+                i, v = position(list(e.tokens[: p + 1]))
+                order = np.argsort(-np.asarray(v), kind="stable")
+                idx.append(np.asarray(i)[order])
+                vals.append(np.asarray(v)[order])
+        ind = np.asarray(idx, np.int32).reshape(-1, top_k)
+        lp = np.asarray(vals, np.float64).reshape(-1, top_k)
+        rest = 1.0 - np.exp(lp).sum(-1)
+        tail = np.where(rest > 0, np.log(np.maximum(rest, 1e-300)), NO_MASS)
+        return ind, lp.astype(np.float16), np.maximum(tail, NO_MASS).astype(np.float32)
+
+    return score
