@@ -71,7 +71,8 @@ def _grouped_bars(ax: Any, groups: list[str], models: list[str], value: Any) -> 
             errs[0].append(max(0.0, v - lo) if lo is not None else 0.0)
             errs[1].append(max(0.0, hi - v) if hi is not None else 0.0)
         if xs:
-            ax.bar(xs, vs, width, yerr=errs, capsize=3, label=model)
+            has_interval = any(errs[0]) or any(errs[1])
+            ax.bar(xs, vs, width, yerr=errs if has_interval else None, capsize=3, label=model)
     ax.set_xticks(range(len(groups)), groups, rotation=15, ha="right")
     if models:
         ax.legend(fontsize=8)

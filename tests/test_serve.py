@@ -353,6 +353,47 @@ def test_past_the_concurrency_limit_is_429(loaded) -> None:
         state.workers["m"].close()
 
 
+def test_a_scaffolded_model_gets_the_teachers_prompt(loaded, spec_path: Path) -> None:
+    """--scaffold: the spec's system prompt and few-shot turns go before the user's message
+    (as the pipeline prompts its teacher), unless the request brings its own system message."""
+    from fastapi.testclient import TestClient
+
+    from distiller.serve.app import ServeState, create_app
+    from distiller.serve.batching import ModelWorker
+    from distiller.spec import load_spec
+
+    spec = load_spec(spec_path)
+    model, tokenizer = loaded["teacher"]
+    state = ServeState(
+        workers={"t": ModelWorker("t", model, tokenizer)}, spec=spec, scaffolded=frozenset({"t"})
+    )
+    user = "Incident: the login page is slow"
+    decoding = Decoding(temperature=1.0, seed=5, max_tokens=8)
+    scaffold = build_messages(user, spec.teacher.system_prompt, spec.teacher.few_shot)
+    own_system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": user}]
+    try:
+        with TestClient(create_app(state)) as client:
+            for sent, seen in (
+                ([{"role": "user", "content": user}], scaffold),
+                (own_system, own_system),
+            ):
+                body = {
+                    "model": "t",
+                    "messages": sent,
+                    "max_tokens": 8,
+                    "temperature": 1.0,
+                    "seed": 5,
+                }
+                got = client.post("/v1/chat/completions", json=body).json()
+                ids = chat_prompt(tokenizer, seen)
+                assert got["usage"]["prompt_tokens"] == len(ids)
+                want = generate_one(model, tokenizer, ids, decoding).text
+                assert got["choices"][0]["message"]["content"] == want
+    finally:
+        state.workers["t"].close()
+    assert len(scaffold) > 2  # the premise: the spec has a system prompt and examples
+
+
 # -- label ranking ---------------------------------------------------------------------------
 
 

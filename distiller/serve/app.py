@@ -63,6 +63,17 @@ class ServeState:
     in_flight: int = 0
     created: int = field(default_factory=lambda: int(time.time()))
     priors: dict[str, Any] = field(default_factory=dict)  # model -> content-free mean scores
+    # Models prompted as the pipeline prompts its teacher: the spec's system prompt and
+    # few-shot turns go before a conversation that brings no system message of its own.
+    scaffolded: frozenset[str] = frozenset()
+
+    def scaffold(self, name: str, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+        if name not in self.scaffolded or any(m["role"] == "system" for m in messages):
+            return messages
+        from distiller.generate import build_messages
+
+        teacher = self.spec.teacher
+        return [*build_messages("", teacher.system_prompt, teacher.few_shot)[:-1], *messages]
 
 
 class ApiError(Exception):
@@ -379,11 +390,10 @@ def create_app(state: ServeState) -> FastAPI:
                 str(exc).splitlines()[0] if str(exc) else "",
             )
             response = ApiError(500, f"internal error: {type(exc).__name__}").response()
-        route = (
-            path
-            if path.startswith(("/v1/", "/health", "/metrics", "/report")) or path == "/"
-            else "other"
-        )
+        # Counted by route template (/report/plots/{name}), never by raw path: a client
+        # inventing paths must not grow the table.
+        matched = request.scope.get("route")
+        route = getattr(matched, "path", None) or "other"
         state.telemetry.http(route, response.status_code, time.perf_counter() - start)
         return response
 
@@ -422,7 +432,7 @@ def create_app(state: ServeState) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         data = await read_json(request, state.limits)
         worker = _worker(state, data)
-        messages = read_messages(data.get("messages"), state.limits)
+        messages = state.scaffold(worker.name, read_messages(data.get("messages"), state.limits))
         decoding = read_decoding(data, state.limits)
         stream = data.get("stream", False)
         if not isinstance(stream, bool):

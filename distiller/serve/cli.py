@@ -55,6 +55,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "enables /v1/classify",
     )
     parser.add_argument(
+        "--scaffold",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="prompt model NAME as the pipeline prompts the teacher: the --spec's system prompt "
+        "and few-shot examples before each conversation that has no system message "
+        "(repeatable)",
+    )
+    parser.add_argument(
         "--report",
         default=None,
         help=f"the report JSON the /report page shows (default: {DEFAULT_REPORT})",
@@ -138,6 +147,11 @@ def run_cli(args: argparse.Namespace) -> int:
 
         spec = load_spec(args.spec)
         validator = build_validator(spec.validators)
+    unknown = sorted(set(args.scaffold) - set(names))
+    if unknown:
+        raise UserError(f"--scaffold: not a served model: {', '.join(unknown)}")
+    if args.scaffold and spec is None:
+        raise UserError("--scaffold needs --spec (its teacher's system prompt and examples)")
     report = Path(args.report) if args.report else DEFAULT_REPORT
     plots_dir = None
     if report.is_file():
@@ -164,6 +178,7 @@ def run_cli(args: argparse.Namespace) -> int:
         validator=validator,
         report_path=report,
         plots_dir=plots_dir,
+        scaffolded=frozenset(args.scaffold),
     )
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     config = uvicorn.Config(

@@ -23,7 +23,7 @@ td:first-child, td:nth-child(2) { text-align: left; }
 
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
-        return f"{v:.3g}"
+        return f"{v:.1f}" if abs(v) >= 10 else f"{v:.3g}"
     return "" if v is None else html.escape(str(v))
 
 
