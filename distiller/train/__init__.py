@@ -1,4 +1,4 @@
-"""Stage: dataset -> adapter. Train a student with sft, seq-kd, logit-kd or dpo.
+"""Stage: dataset -> adapter. Train a student with sft, seq-kd, logit-kd, dpo or gkd.
 
 ``train(spec, dataset_dir, out_dir, resume=True, runtime=TrainRuntime()) -> TrainResult`` is
 the stage function: what it trains comes from the spec's student sections, how it runs from
