@@ -369,3 +369,36 @@ def test_served_teacher_with_another_tokenizer_is_refused(tmp_path, served_tiny_
     examples = _examples(other_tok, 1)
     with pytest.raises(UserError, match=r"tokenizer is not the student's"):
         LC.endpoint_scorer(url, "default_model", other_tok, 3)(examples)
+
+
+def test_logit_kd_trains_from_a_served_teacher(tmp_path, served_tiny_model, tiny_model_factory):
+    """teacher.endpoint + student.kd.cache: the spec's logit-kd fills its cache from the
+    server (at temperature 1) and trains; another temperature is refused by the spec."""
+    url, _ = served_tiny_model
+    student = tiny_model_factory(seed=4)
+    spec_path = write_spec(
+        tmp_path / "s.yaml",
+        student,
+        route="logit-kd",
+        full_finetune="true",
+        kd="{alpha: 0.0, beta: 1.0, temperature: 1.0, cache: {top_k: 4}}",
+        train="{iters: 4, batch_size: 2, learning_rate: 1.0e-2, steps_per_eval: 2}",
+    )
+    text = spec_path.read_text().replace(
+        f"teacher: {{model: {student}}}",
+        f"teacher: {{endpoint: {{url: '{url}', model: default_model}}}}",
+    )
+    spec_path.write_text(text)
+    spec = load_spec(spec_path)
+    assert spec.teacher.endpoint is not None and spec.student.kd.cache.top_k == 4
+    ds = write_dataset(tmp_path / "ds", n_train=4, n_valid=1)
+    r = train(spec, ds, tmp_path / "out", progress=False)
+    assert r.steps == 4 and r.best_val_loss is not None
+    shards = list((ds / LC.CACHE_DIR_NAME).glob("*.npz"))
+    assert len(shards) == 2  # the training rows and the validation row
+    spec_path.write_text(text.replace("temperature: 1.0", "temperature: 2.0"))
+    with pytest.raises(UserError, match="temperature"):
+        load_spec(spec_path)
+    spec_path.write_text(text.replace(", cache: {top_k: 4}", ""))
+    with pytest.raises(UserError, match=r"kd\.cache"):
+        load_spec(spec_path)

@@ -296,12 +296,19 @@ def _student(m: Map, teacher: TeacherSpec) -> StudentSpec:
     if m.has("kd") and route not in ("logit-kd", "gkd"):
         raise m.err("kd", f"absent unless route is logit-kd or gkd (route is {route})")
     if route in ("logit-kd", "gkd"):
-        if teacher.model is None:
+        kd = _kd(m.sub("kd", _KD)) if route == "logit-kd" else _gkd(m.sub("kd", _GKD))
+        # A served teacher reaches logit-kd only through the cache (its top_logprobs).
+        served = teacher.endpoint is not None and route == "logit-kd" and kd.cache is not None
+        if teacher.model is None and not served:
             raise m.err(
                 "route",
-                f"a route other than {route}: it needs a local teacher model, not an endpoint",
+                f"a route other than {route}: it needs a local teacher model, not an endpoint"
+                + (" (or kd.cache, filled from the endpoint)" if route == "logit-kd" else ""),
             )
-        kd = _kd(m.sub("kd", _KD)) if route == "logit-kd" else _gkd(m.sub("kd", _GKD))
+        if served and kd.temperature != 1.0:
+            raise m.sub("kd", _KD).err(
+                "temperature", "1.0 with a served teacher (its top_logprobs are at temperature 1)"
+            )
 
     drop = None
     if m.has("drop_layers"):

@@ -277,6 +277,7 @@ def endpoint_scorer(
     top_k: int,
     *,
     timeout_s: float = 120.0,
+    api_key: str | None = None,
 ) -> ScoreFn:
     """Scores examples with an OpenAI-compatible server's ``top_logprobs`` (``mlx_lm.server``,
     vLLM, llama.cpp): the same cache, filled by a served teacher at temperature 1.
@@ -309,9 +310,10 @@ def endpoint_scorer(
             "logprobs": True,
             "top_logprobs": top_k,
         }
-        req = urllib.request.Request(
-            endpoint, json.dumps(body).encode(), {"Content-Type": "application/json"}
-        )
+        headers = {"Content-Type": "application/json"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        req = urllib.request.Request(endpoint, json.dumps(body).encode(), headers)
         try:
             with urllib.request.urlopen(req, timeout=timeout_s) as resp:
                 reply = json.loads(resp.read())

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -36,7 +37,7 @@ from distiller.decoding import Decoding
 from distiller.errors import UserError
 from distiller.files import atomic_write
 from distiller.generate import generate_batch
-from distiller.hashing import canonical
+from distiller.hashing import canonical, stable_hash
 from distiller.models import load_model, resolve_model
 from distiller.spec import ROUTES, DPOSpec, KDSpec, StudentSpec, TaskSpec
 from distiller.train import batches as B
@@ -102,8 +103,14 @@ def run_settings(spec: TaskSpec) -> dict[str, Any]:
         "kd": _kd(student) if student.route in KD_ROUTES else None,
         "dpo": _dpo(student) if student.route == "dpo" else None,
         "drop_layers": student.drop_layers,
-        "teacher": spec.teacher.model if teacher_used else None,
+        "teacher": _teacher_identity(spec) if teacher_used else None,
     }
+
+
+def _teacher_identity(spec: TaskSpec) -> Any:
+    """The local teacher's name, or a served one's (url, model): never its key."""
+    endpoint = spec.teacher.endpoint
+    return spec.teacher.model if endpoint is None else [endpoint.url, endpoint.model]
 
 
 def _kd(student: StudentSpec) -> KDSpec:
@@ -246,15 +253,23 @@ def _teacher_cache(
     kd = _kd(spec.student)
     cache = kd.cache
     assert cache is not None
-    teacher_dir = resolve_model(spec.teacher.model)
-    fingerprint = LC.teacher_fingerprint(teacher_dir)
+    endpoint = spec.teacher.endpoint
     teacher: list[nn.Module] = []
+    if endpoint is not None:  # a served teacher: its top_logprobs (the spec checked T = 1)
+        fingerprint = stable_hash(["endpoint", endpoint.url, endpoint.model], 16)
+        key = os.environ.get(endpoint.api_key_env) if endpoint.api_key_env else None
+        score = LC.endpoint_scorer(
+            endpoint.url, endpoint.model, tokenizer, cache.top_k,
+            timeout_s=endpoint.timeout_s, api_key=key,
+        )  # fmt: skip
+    else:
+        fingerprint = LC.teacher_fingerprint(resolve_model(spec.teacher.model))
 
-    def score(examples):
-        if not teacher:
-            teacher.append(_load_teacher(spec, model, tokenizer))
-        scorer = LC.local_scorer(teacher[0], cache.top_k, kd.temperature)
-        return scorer(examples)
+        def score(examples):
+            if not teacher:
+                teacher.append(_load_teacher(spec, model, tokenizer))
+            scorer = LC.local_scorer(teacher[0], cache.top_k, kd.temperature)
+            return scorer(examples)
 
     out = []
     for examples in splits:
