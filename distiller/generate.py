@@ -289,6 +289,7 @@ def generate_batch(
     batch_size: int = 16,
     progress: Callable[[int], object] | None = None,
     on_finish: Callable[[int, Generation], object] | None = None,
+    on_tokens: Callable[[int, list[int]], object] | None = None,
     reset_peak_memory: bool = False,
     min_shared_prefix: int = 64,
 ) -> Generations:
@@ -301,8 +302,10 @@ def generate_batch(
     Per-prompt seeds are derived from ``decoding.seed`` and the prompt's position, unless
     ``seeds`` gives one per prompt. ``progress(n)`` is called with the number of sequences
     that just finished (``tqdm.update`` fits); ``on_finish(i, generation)`` with each finished
-    sequence as soon as it is done (so a caller can save it before the batch ends). Returns the
-    generations in prompt order, with ``.stats``.
+    sequence as soon as it is done (so a caller can save it before the batch ends);
+    ``on_tokens(i, tokens)`` after every step with sequence ``i``'s kept tokens so far (the ones
+    its text is decoded from: for streaming). Returns the generations in prompt order, with
+    ``.stats``.
     """
     from mlx_lm.generate import BatchGenerator
 
@@ -338,6 +341,7 @@ def generate_batch(
             batch_size=batch_size,
             progress=progress,
             on_finish=on_finish,
+            on_tokens=on_tokens,
             start=start,
         )
     gen = BatchGenerator(
@@ -366,6 +370,8 @@ def generate_batch(
                 for r in responses:
                     i = index[r.uid]
                     reason = sequences[i].add(r.token)
+                    if on_tokens is not None:
+                        on_tokens(i, sequences[i].tokens)
                     if reason is None and r.finish_reason is not None:
                         raise RuntimeError(
                             f"BatchGenerator ended a sequence ({r.finish_reason}) that the "
@@ -462,6 +468,7 @@ def _generate_with_shared_prefix(
     batch_size: int,
     progress: Callable[[int], object] | None,
     on_finish: Callable[[int, Generation], object] | None,
+    on_tokens: Callable[[int, list[int]], object] | None,
     start: float,
 ) -> Generations:
     """Static batches of up to ``batch_size`` sequences over one prefilled shared prefix.
@@ -503,7 +510,10 @@ def _generate_with_shared_prefix(
             sampled = sample_rows([samplers[i] for i in rows], logits)
             keep = []
             for k, (i, token) in enumerate(zip(rows, sampled.tolist(), strict=True)):
-                if sequences[i].add(token) is None:
+                finished = sequences[i].add(token) is not None
+                if on_tokens is not None:
+                    on_tokens(i, sequences[i].tokens)
+                if not finished:
                     keep.append(k)
                 else:
                     results[i] = sequences[i].result(start)
@@ -570,15 +580,12 @@ def generate_one(
     decoding: Decoding = GREEDY,
     *,
     on_text: Callable[[str], object] | None = None,
-    on_tokens: Callable[[list[int]], object] | None = None,
     reset_peak_memory: bool = False,
 ) -> Generation:
     """Generate one completion on the single-stream path (what a latency number means).
 
     ``on_text`` receives each decoded text segment as it is produced (for streaming output;
     with ``stop`` strings, the stream may run a few characters past where the text is cut).
-    ``on_tokens`` receives the tokens kept so far after each step (the ones the final text is
-    decoded from), for a stream that must agree with that text exactly.
     The returned ``Generation`` carries this prompt's prefill and decode tok/s. With the same
     ``decoding``, its tokens are those of the batched paths (position 0's seed).
     """
@@ -602,10 +609,7 @@ def generate_one(
     ):
         if last.text and on_text is not None:
             on_text(last.text)
-        finished = sequence.add(last.token) is not None
-        if on_tokens is not None:
-            on_tokens(sequence.tokens)
-        if finished:
+        if sequence.add(last.token) is not None:
             break
     if last is None or sequence.finish_reason is None:
         raise RuntimeError("stream_generate ended before the sequence finished")

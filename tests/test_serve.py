@@ -302,8 +302,9 @@ def test_concurrent_clients_get_their_own_answers(server: Server, loaded) -> Non
 
 
 def test_queued_completions_run_as_one_batch(loaded) -> None:
-    """Completions queued while the worker is busy join one batch, each with its own answer
-    (seeded samples: distinct, so a mix-up would show)."""
+    """Completions queued while the worker is busy join one batch, streamed or not, each with
+    its own answer (seeded samples: distinct, so a mix-up would show); a streamed one sees its
+    text grow token by token up to the final text."""
     from distiller.serve.batching import CallJob, GenerateJob, ModelWorker
 
     model, tokenizer = loaded["teacher"]
@@ -313,17 +314,26 @@ def test_queued_completions_run_as_one_batch(loaded) -> None:
         busy = worker.submit(CallJob(lambda _m, _t: release.wait(30)))
         prompts = [f"Question number {i}?" for i in range(5)]
         decodings = [Decoding(temperature=1.0, max_tokens=10, seed=i) for i in range(5)]
+        streamed: dict[int, list[str]] = {1: [], 3: []}
         jobs = [
-            GenerateJob(chat_prompt(tokenizer, build_messages(p)), d)
-            for p, d in zip(prompts, decodings, strict=True)
+            GenerateJob(
+                chat_prompt(tokenizer, build_messages(p)),
+                d,
+                on_text=streamed[i].append if i in streamed else None,
+            )
+            for i, (p, d) in enumerate(zip(prompts, decodings, strict=True))
         ]
         futures = [worker.submit(j) for j in jobs]
         release.set()
         busy.result(timeout=30)
-        texts = [f.result(timeout=60).text for f in futures]
+        generations = [f.result(timeout=60) for f in futures]
+        texts = [g.text for g in generations]
     finally:
         worker.close()
     assert worker.stats.batches == 1 and worker.stats.largest_batch == 5
+    assert worker.stats.streams == 2
+    for i, seen in streamed.items():  # one update per decoding step, the last one the text
+        assert len(seen) == generations[i].generation_tokens and seen[-1] == texts[i]
     want = [reference(loaded, "teacher", p, d) for p, d in zip(prompts, decodings, strict=True)]
     assert texts == want
     assert len(set(want)) == len(want)

@@ -2,13 +2,15 @@
 
 MLX is not thread-safe, so everything that touches a model (generation, label scoring) runs on
 that model's one worker thread. Requests arriving while the worker is busy wait in its queue;
-when it is free it takes the oldest job and, if that job is a plain (non-streamed) completion,
-every queued plain completion with the same decoding settings (seeds aside: each sequence has
-its own), up to ``max_batch``, and runs them as one ``generate_batch``. A streamed completion
-runs alone on the single-stream path (``generate_one``), which hands out text as it is made.
+when it is free it takes the oldest job and, if that job is a completion, every queued
+completion with the same decoding settings (seeds aside: each sequence samples with its own),
+up to ``max_batch``, streamed or not, and runs them as one ``generate_batch``. A streamed one is
+handed its text after every token (``on_tokens``); the others get theirs when they finish.
 
 Each job carries its own prompt, decoding and result future; the batched path gives every
 sequence its own state, sampler and KV-cache row, so nothing of one request reaches another.
+A streamed job whose client went away is no longer decoded or sent; when every job of a batch
+has gone, the batch stops.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from distiller.decoding import Decoding
-from distiller.generate import Generation, _seeds, generate_batch, generate_one
+from distiller.generate import Generation, _seeds, generate_batch
 
 
 class Cancelled(Exception):
@@ -121,8 +123,6 @@ class ModelWorker:
                 if isinstance(job, CallJob):
                     self.stats.calls += 1
                     job.future.set_result(job.fn(self.model, self.tokenizer))
-                elif job.on_text is not None:
-                    self._stream(job)
                 else:
                     self._batch(job)
             except Cancelled:
@@ -130,19 +130,6 @@ class ModelWorker:
             except BaseException as exc:  # the request that caused it gets the error
                 if not job.future.done():
                     job.future.set_exception(exc)
-
-    def _stream(self, job: GenerateJob) -> None:
-        self.stats.streams += 1
-
-        def on_tokens(tokens: list[int]) -> None:
-            if job.cancelled.is_set():
-                raise Cancelled
-            # Decoded whole, as the final text is (a streaming detokenizer may differ).
-            job.on_text(self.tokenizer.decode(list(tokens)))
-
-        job.future.set_result(
-            generate_one(self.model, self.tokenizer, job.prompt, job.decoding, on_tokens=on_tokens)
-        )
 
     def _batch(self, first: GenerateJob) -> None:
         self._drain()
@@ -152,7 +139,6 @@ class ModelWorker:
                 break
             if (
                 isinstance(other, GenerateJob)
-                and other.on_text is None
                 and other.batch_key == first.batch_key
                 and not other.cancelled.is_set()
             ):
@@ -161,6 +147,7 @@ class ModelWorker:
         self.stats.batches += 1
         self.stats.batched_sequences += len(jobs)
         self.stats.largest_batch = max(self.stats.largest_batch, len(jobs))
+        self.stats.streams += sum(j.on_text is not None for j in jobs)
         # Position 0's seed of each job's own run seed: what generate_one would draw with, so
         # a seeded request samples the same text whichever batch it lands in.
         seeds = [_seeds(j.decoding.seed, 1)[0] for j in jobs]
@@ -168,6 +155,14 @@ class ModelWorker:
         def finished(i: int, generation: Generation) -> None:
             if not jobs[i].future.done():
                 jobs[i].future.set_result(generation)
+
+        def tokens(i: int, kept: list[int]) -> None:
+            job = jobs[i]
+            if job.on_text is not None and not job.cancelled.is_set():
+                # Decoded whole, as the final text is (a streaming detokenizer may differ).
+                job.on_text(self.tokenizer.decode(list(kept)))
+            if all(j.cancelled.is_set() for j in jobs):
+                raise Cancelled  # every client went away: stop decoding for nobody
 
         try:
             generate_batch(
@@ -178,7 +173,11 @@ class ModelWorker:
                 seeds=seeds,
                 batch_size=len(jobs),
                 on_finish=finished,
+                on_tokens=tokens,
             )
+        except Cancelled:
+            for j in jobs:
+                j.future.cancel()
         except BaseException as exc:
             for j in jobs:
                 if not j.future.done():
