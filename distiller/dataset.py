@@ -11,7 +11,10 @@ Split guarantees (``split_prompts``):
     round(n * test) and round(n * (test + valid)) - round(n * test), so every split's count is
     within 1 of its exact share (within 0.5 for test and train);
   * appending k prompts to a stratum moves at most 2 * (k + 1) of its existing prompts to a
-    different split (prompts are ranked by a seeded hash of their id; only the cut points move).
+    different split (prompts are ranked by a seeded hash of their id; only the cut points move);
+  * with per-class quotas (``test_per_class``, ``valid_per_class``) every label gives exactly
+    that many prompts to test and to valid (balanced held-out sets), the rest to train, and
+    appending k prompts to a stratum moves at most 2 * k of its existing prompts.
 
 Leakage (``find_leaks``): after the split, a train/valid prompt whose normalized text equals a
 test prompt's, or whose character 5-gram Jaccard similarity to one is >= ``threshold`` (text
@@ -98,8 +101,17 @@ def split_prompts(prompts: Sequence[Prompt], split_spec: SplitSpec) -> Splits:
     for key in sorted(strata, key=lambda k: (k is None, str(k))):
         group = sorted(strata[key], key=lambda p: _rank_key(split_spec.seed, p.id))
         n = len(group)
-        b1 = _round(n * f_test)
-        b2 = max(b1, min(n, _round(n * (f_test + f_valid))))
+        if split_spec.test_per_class is not None:
+            b1 = split_spec.test_per_class
+            b2 = b1 + (split_spec.valid_per_class or 0)
+            if b2 > n:
+                raise UserError(
+                    f"split: label {key!r} has {n} prompts, fewer than test_per_class + "
+                    f"valid_per_class = {b2}"
+                )
+        else:
+            b1 = _round(n * f_test)
+            b2 = max(b1, min(n, _round(n * (f_test + f_valid))))
         out.test += group[:b1]
         out.valid += group[b1:b2]
         out.train += group[b2:]

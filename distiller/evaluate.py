@@ -30,7 +30,7 @@ from distiller import metrics as M
 from distiller.decoding import Decoding, add_decoding_arguments, decoding_from_args
 from distiller.errors import UserError
 from distiller.files import atomic_write
-from distiller.hashing import stable_hash
+from distiller.hashing import canonical, stable_hash
 from distiller.models import disk_size_mb, load_model, model_fingerprint
 from distiller.spec import Prompt, TaskSpec
 
@@ -197,6 +197,13 @@ def task_metrics(spec: TaskSpec, records: list[dict[str, Any]]) -> dict[str, Any
                 "labels": labels,
                 "matrix": M.confusion_matrix(preds, refs, labels).tolist(),
             }
+            if all("raw_scores" in r for r in records):  # ranked: the calibration's effect
+                from distiller.classify import uncalibrated_prediction
+
+                raw = [uncalibrated_prediction(r["raw_scores"], labels) for r in records]
+                out["accuracy_uncalibrated"] = M.accuracy(raw, refs)
+                out["macro_f1_uncalibrated"] = M.macro_f1(raw, refs, labels)
+                out["mean_margin"] = statistics.fmean(r["margin"] for r in records)
     json_params = _validator_params(spec, "json_schema")
     if json_params is not None:
         out["json_valid"] = M.json_validity(texts, json_params.get("schema")).to_dict()
@@ -336,16 +343,34 @@ def evaluate_together(
         from tqdm import tqdm
 
         bar = tqdm(total=len(prompts), desc=f"eval {name or model_ref}", unit="prompt", leave=False)
+    classify = spec.eval.classify
+    rankings = None  # with eval.classify's ranking decoder: the labels scored, not generated
     try:
-        gens = generate_batch(
-            model,
-            tokenizer,
-            ids,
-            decoding,
-            batch_size=batch_size,
-            progress=bar.update if bar is not None else None,
-            reset_peak_memory=True,
-        )
+        if classify is not None and classify.decoder == "ranking":
+            from distiller.classify import rank_for_evaluation, ranking_record
+
+            mx.reset_peak_memory()
+            null = [Prompt("content-free", text) for text in classify.content_free]
+            rankings, gens = rank_for_evaluation(
+                model,
+                tokenizer,
+                classify,
+                [render_messages(spec, p, style) for p in prompts],
+                [render_messages(spec, p, style) for p in null],
+                [len(x) for x in ids],
+                batch_size=batch_size,
+                progress=bar.update if bar is not None else None,
+            )
+        else:
+            gens = generate_batch(
+                model,
+                tokenizer,
+                ids,
+                decoding,
+                batch_size=batch_size,
+                progress=bar.update if bar is not None else None,
+                reset_peak_memory=True,
+            )
     finally:
         if bar is not None:
             bar.close()
@@ -353,6 +378,7 @@ def evaluate_together(
 
     results: dict[str, EvalResult] = {}
     outputs = iter(gens)
+    ranked = iter(rankings or ())
     for set_name, set_prompts in sets.items():
         records, verdicts = [], []
         for p, g in zip(set_prompts, outputs, strict=False):
@@ -374,6 +400,8 @@ def evaluate_together(
                     "reference": p.reference,
                 }
             )
+            if rankings is not None:
+                records[-1].update(ranking_record(next(ranked)))
         fc = M.format_compliance(verdicts)
         stats = gens.stats
         n = len(records)
@@ -403,6 +431,8 @@ def evaluate_together(
             "decoding": decoding.to_dict(),
             "generated_with": list(sets),
         }
+        if classify is not None:
+            metrics["classify"] = canonical(classify)  # as it reads back from the JSON
         results[set_name] = EvalResult(
             model=name or str(model_ref),
             task=spec.name,
@@ -439,6 +469,8 @@ def eval_key(
             "validators": [asdict(v) for v in spec.validators],
             "batch_size": batch_size or spec.eval.batch_size,
             "decoding": spec.eval.decoding,
+            # Only when set, so keys made before eval.classify existed stay valid.
+            **({"classify": spec.eval.classify} if spec.eval.classify else {}),
         }
     )
 

@@ -69,6 +69,7 @@ __all__ = [
     "meets_threshold",
     "newcombe_interval",
     "normalize_answer",
+    "paired_difference_interval",
     "paired_regression_test",
     "rate",
     "regression_test",
@@ -165,6 +166,38 @@ def newcombe_interval(
     d = p1 - p2
     lower = d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2)
     upper = d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
+    return max(-1.0, lower), min(1.0, upper)
+
+
+def paired_difference_interval(
+    both: int, only_first: int, only_second: int, neither: int, z: float = 1.959963984540054
+) -> tuple[float, float]:
+    """Newcombe's score interval (method 10 of Newcombe 1998, paired data) for p1 - p2, where
+    p1 and p2 are two success rates on the SAME n items, from the four counts of the 2x2 table.
+
+    Built from the two Wilson intervals like ``newcombe_interval``, with the correlation phi of
+    the table: agreement between the two sides narrows it, disagreement widens it.
+    """
+    for k in (both, only_first, only_second, neither):
+        if k < 0:
+            raise ValueError(f"counts must be >= 0, got {k}")
+    n = both + only_first + only_second + neither
+    if n == 0:
+        return -1.0, 1.0
+    k1, k2 = both + only_first, both + only_second
+    p1, p2 = k1 / n, k2 / n
+    l1, u1 = wilson_interval(k1, n, z)
+    l2, u2 = wilson_interval(k2, n, z)
+    margins = (k1, n - k1, k2, n - k2)
+    denom = math.sqrt(math.prod(margins)) if all(margins) else 0.0
+    phi = (both * neither - only_first * only_second) / denom if denom else 0.0
+    d = p1 - p2
+    lower = d - math.sqrt(
+        max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2)
+    )
+    upper = d + math.sqrt(
+        max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2)
+    )
     return max(-1.0, lower), min(1.0, upper)
 
 

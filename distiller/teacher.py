@@ -170,6 +170,10 @@ def run_teacher(
             raise UserError(f"prompts {seen[p.text]!r} and {p.id!r} have the same text")
         seen[p.text] = p.id
     own_backend = backend is None
+    if backend is None and t.gold:
+        from distiller.backends.gold import GoldBackend
+
+        backend = GoldBackend(prompts)
     backend = backend or make_backend(t)
     config, teacher_field = teacher_config(spec, backend)
     check = None

@@ -1,7 +1,9 @@
 """Quality gate: task metrics (accuracy, macro-F1, field accuracy, token F1) per model.
 
 Thresholds in ``eval.thresholds`` other than format/section rates name task metrics; they apply
-to the distilled student. Against the baseline, a task metric (a mean of per-sample scores in
+to the distilled student. ``accuracy_lift`` is the distilled student's accuracy minus the vanilla
+student's on the same prompts (both decoded as the spec says): the point estimate must reach it
+and the paired 95% interval of the lift must exclude 0. Against the baseline, a task metric (a mean of per-sample scores in
 [0, 1]) is tested like a rate of round(value * n) successes in n: a mean of [0, 1] scores varies
 no more than a Bernoulli rate with the same mean, so the test is conservative, never jumpy.
 """
@@ -10,14 +12,15 @@ from __future__ import annotations
 
 import pytest
 
-from distiller.harness.gates import check_baseline, check_threshold, fail_with_samples
+from distiller.harness.gates import check_baseline, check_threshold, fail_with_samples, where
 from distiller.harness.plugin import models
-from distiller.metrics import rate
+from distiller.metrics import paired_difference_interval, rate
 from distiller.report import prompt_verdicts
 
 pytestmark = pytest.mark.quality
 
 RATE_THRESHOLDS = ("format_rate", "section_rate")
+LIFT_THRESHOLDS = ("accuracy_lift",)  # distilled minus vanilla (test_accuracy_lift_over_vanilla)
 
 
 def _metric_rate(value: float, n: int):
@@ -29,7 +32,9 @@ def test_task_metrics_meet_thresholds(
     distiller, distiller_task, distiller_prompt_set, distiller_model
 ):
     spec = distiller.spec(distiller_task)
-    wanted = {k: v for k, v in spec.eval.thresholds.items() if k not in RATE_THRESHOLDS}
+    wanted = {
+        k: v for k, v in spec.eval.thresholds.items() if k not in RATE_THRESHOLDS + LIFT_THRESHOLDS
+    }
     if not wanted:
         pytest.skip(f"{spec.name}: eval.thresholds names no task metric")
     result = distiller.evaluate(distiller_model, distiller_prompt_set, distiller_task)
@@ -98,3 +103,36 @@ def test_distilled_not_worse_than_vanilla(distiller, distiller_task, distiller_p
         against="the vanilla student",
     )
     fail_with_samples(distilled, [problem])
+
+
+def test_accuracy_lift_over_vanilla(distiller, distiller_task, distiller_prompt_set):
+    spec = distiller.spec(distiller_task)
+    threshold = spec.eval.thresholds.get("accuracy_lift")
+    if threshold is None:
+        pytest.skip(f"{spec.name}: eval.thresholds has no accuracy_lift")
+    if not {"vanilla", "distilled"} <= set(distiller.options.models):
+        pytest.skip("needs both vanilla and distilled in --distiller-models")
+    vanilla = distiller.evaluate("vanilla", distiller_prompt_set, distiller_task)
+    distilled = distiller.evaluate("distilled", distiller_prompt_set, distiller_task)
+    if "accuracy" not in distilled.metrics["task"]:
+        pytest.fail(f"{spec.name}: accuracy_lift needs labelled prompts and a label validator")
+    right_v = {r["id"]: r.get("prediction") == r["label"] for r in vanilla.records}
+    right_d = {r["id"]: r.get("prediction") == r["label"] for r in distilled.records}
+    if right_v.keys() != right_d.keys():
+        pytest.fail(f"{spec.name}: vanilla and distilled scored different prompts")
+    pairs = [(right_d[i], right_v[i]) for i in right_d]
+    both = sum(d and v for d, v in pairs)
+    only_d = sum(d and not v for d, v in pairs)
+    only_v = sum(v and not d for d, v in pairs)
+    lo, hi = paired_difference_interval(both, only_d, only_v, len(pairs) - both - only_d - only_v)
+    lift = (only_d - only_v) / len(pairs)
+    figure = (
+        f"accuracy lift over vanilla {lift:+.3f} [{lo:+.3f}, {hi:+.3f}] (paired 95%, n="
+        f"{len(pairs)}; distilled {both + only_d}, vanilla {both + only_v} correct)"
+    )
+    problems = []
+    if lift < threshold - 1e-12:
+        problems.append(f"{where(distilled)}: {figure} is below the spec threshold {threshold:g}")
+    elif lo <= 0:
+        problems.append(f"{where(distilled)}: {figure}: sampling noise explains it")
+    fail_with_samples(distilled, problems)

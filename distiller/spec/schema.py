@@ -54,6 +54,9 @@ class TeacherSpec:
     samples_per_prompt: int = 1  # rejection-sampling budget N per prompt
     keep: str = "first"  # "first" passing sample, or "best" by validator score
     batch_size: int = 8
+    # The prompts' own answers (reference, else label) as the samples: supervised fine-tuning
+    # on gold, no model (exactly one of model, endpoint, gold).
+    gold: bool = False
 
 
 @dataclass(frozen=True)
@@ -169,6 +172,32 @@ class SplitSpec:
     test: float = 0.2
     seed: int = 0
     stratify_by: str | None = None  # "label"
+    # Per-class quotas (with stratify_by: label) replace the test/valid fractions: each label
+    # gives exactly this many prompts to test and to valid, the rest to train.
+    test_per_class: int | None = None
+    valid_per_class: int | None = None
+
+
+CLASSIFY_DECODERS = ("ranking", "generate")
+CONTENT_FREE = ("N/A", "", "[MASK]")
+
+
+@dataclass(frozen=True)
+class ClassifySpec:
+    """How a classification task's answer is read (``eval.classify``; ``distiller.classify``).
+
+    ``ranking``: every label is scored as the assistant's whole answer (mean log-likelihood of
+    its tokens); with ``calibrate`` the mean score of the content-free prompts is subtracted
+    (contextual calibration); ``bias`` then adds a constant per label. ``generate``: greedy
+    generation, the text normalized to a label (the ``label`` validator's rule).
+    """
+
+    labels: tuple[str, ...]  # the ``label`` validator's labels, in its order
+    decoder: str = "ranking"
+    calibrate: bool = True
+    # The user texts of the content-free prompts: each value put through the prompts template.
+    content_free: tuple[str, ...] = CONTENT_FREE
+    bias: dict[str, float] = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)
@@ -182,6 +211,7 @@ class EvalSpec:
     # Prompts for choosing settings (decoding, training): evaluated only when asked for
     # (``distiller eval --prompts dev``), never in reports or gates, never trained on.
     dev: tuple[Prompt, ...] = field(default=(), hash=False)
+    classify: ClassifySpec | None = None  # set for classification tasks that rank labels
 
 
 @dataclass(frozen=True)

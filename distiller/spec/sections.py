@@ -10,9 +10,12 @@ from typing import Any
 from distiller.decoding import Decoding
 from distiller.spec.prompts import load_prompts, norm_text
 from distiller.spec.schema import (
+    CLASSIFY_DECODERS,
+    CONTENT_FREE,
     LORA_KEYS,
     ROUTES,
     TEACHER_DECODING,
+    ClassifySpec,
     DPOSpec,
     DropLayersSpec,
     EndpointSpec,
@@ -55,6 +58,7 @@ def _clip(value: object, n: int = 40) -> str:
 _TOP = ("name", "description", "prompts", "teacher", "validators", "student", "split", "eval")
 _TEACHER = (
     "model", "endpoint", "system_prompt", "few_shot", "decoding", "samples_per_prompt", "keep", "batch_size",
+    "gold",
 )  # fmt: skip
 _ENDPOINT = (
     "url", "model", "api_key_env", "api_key", "timeout_s", "max_concurrency", "max_retries",
@@ -77,11 +81,12 @@ _KD_CACHE = ("top_k", "missing")
 _GKD = ("lmbda", "jsd_beta", "temperature")
 _DROP_LAYERS = ("keep_every", "keep")
 _QUANTIZE = ("bits", "group_size")
-_SPLIT = ("train", "valid", "test", "seed", "stratify_by")
+_SPLIT = ("train", "valid", "test", "seed", "stratify_by", "test_per_class", "valid_per_class")
 _EVAL = (
     "max_tokens", "no_repeat_ngram", "repetition_penalty", "stop", "json_schema", "thresholds",
-    "prompt_sets", "batch_size", "dev",
+    "prompt_sets", "batch_size", "dev", "classify",
 )  # fmt: skip
+_CLASSIFY = ("decoder", "calibrate", "content_free", "bias")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,13 +95,18 @@ _EVAL = (
 
 def _teacher(m: Map, base: Path) -> TeacherSpec:
     model = endpoint = None
-    if m.has("model") == m.has("endpoint"):
-        raise m.doc.error(m.key, "exactly one of 'model' (local) or 'endpoint' (a server)")
+    gold = m.bool("gold", False)
+    if m.has("model") + m.has("endpoint") + gold != 1:
+        raise m.doc.error(
+            m.key,
+            "exactly one of 'model' (local), 'endpoint' (a server) or 'gold: true' (the "
+            "prompts' own answers)",
+        )
     if m.has("model"):
         model = m.str("model")
         if looks_like_path(model):
             model = str(resolve_path(base, model))
-    else:
+    elif m.has("endpoint"):
         endpoint = _endpoint(m.sub("endpoint", _ENDPOINT))
     d = m.sub("decoding", _DECODING)
     decoding = _teacher_decoding(d)
@@ -119,6 +129,7 @@ def _teacher(m: Map, base: Path) -> TeacherSpec:
         samples_per_prompt=m.int("samples_per_prompt", 1, lo=1),
         keep=m.str("keep", "first", choices=("first", "best")),
         batch_size=m.int("batch_size", 8, lo=1),
+        gold=gold,
     )
 
 
@@ -280,7 +291,7 @@ def _student(m: Map, teacher: TeacherSpec) -> StudentSpec:
     elif teacher.model is not None:
         model = teacher.model  # distilling into the teacher's own base model (or a cut of it)
     else:
-        raise m.err("model", "required when the teacher is an endpoint")
+        raise m.err("model", "required when the teacher is an endpoint or gold (no local model)")
     if looks_like_path(model):
         model = str(resolve_path(m.doc.path.parent, model))
     route = m.str("route", "sft", choices=ROUTES)
@@ -478,6 +489,12 @@ def _split(m: Map, prompts: tuple[Prompt, ...]) -> SplitSpec:
         seed=m.int("seed", 0, lo=0),
         stratify_by=m.str("stratify_by", None, choices=("label",)),
     )
+    quotas = m.has("test_per_class") or m.has("valid_per_class")
+    for name in ("train", "valid", "test") if quotas else ():
+        if m.has(name):
+            raise m.err(
+                name, "absent with test_per_class / valid_per_class (quotas replace fractions)"
+            )
     if abs(s.train + s.valid + s.test - 1.0) > 1e-6:
         raise m.doc.error(m.key, f"train + valid + test = 1, got {s.train + s.valid + s.test:g}")
     if s.stratify_by == "label":
@@ -486,6 +503,31 @@ def _split(m: Map, prompts: tuple[Prompt, ...]) -> SplitSpec:
             raise m.err(
                 "stratify_by",
                 f"labels on every prompt ({len(missing)} have none, e.g. {missing[0]})",
+            )
+    if quotas:
+        s = _split_quotas(m, s, prompts)
+    return s
+
+
+def _split_quotas(m: Map, s: SplitSpec, prompts: tuple[Prompt, ...]) -> SplitSpec:
+    """``s`` with per-class quotas, which every label has enough prompts to fill."""
+    if s.stratify_by != "label":
+        raise m.err("stratify_by", "'label' with per-class quotas (a quota is per label)")
+    s = dataclasses.replace(
+        s,
+        test_per_class=m.int("test_per_class", lo=1),
+        valid_per_class=m.int("valid_per_class", 0, lo=0),
+    )
+    wanted = s.test_per_class + s.valid_per_class
+    counts: dict[str, int] = {}
+    for p in prompts:
+        counts[str(p.label)] = counts.get(str(p.label), 0) + 1
+    for label, n in sorted(counts.items()):
+        if n < wanted:
+            raise m.err(
+                "test_per_class",
+                f"a quota each label can fill: label {label!r} has {n} prompts, fewer than "
+                f"test_per_class + valid_per_class = {wanted}",
             )
     return s
 
@@ -525,6 +567,71 @@ def _eval(m: Map, base: Path, template: str | None, fld: str) -> EvalSpec:
         prompt_sets=sets,
         batch_size=m.int("batch_size", 8, lo=1),
         dev=dev,
+    )
+
+
+class _EveryField(dict):
+    """A template mapping that gives every field the same value."""
+
+    def __init__(self, value: str):
+        super().__init__()
+        self.value = value
+
+    def __missing__(self, key: str) -> str:
+        return self.value
+
+
+def _classify(
+    cm: Map,
+    template: str | None,
+    validators: tuple[ValidatorSpec, ...],
+    labelled: dict[str, tuple[Prompt, ...]],
+) -> ClassifySpec:
+    """``eval.classify``. The labels are the ``label`` validator's; every prompt of ``labelled``
+    (key in the spec -> prompts) must carry one of them; a bias must name one. Content-free
+    values are put through the prompts template, as a prompt's text is."""
+    for key, prompts in labelled.items():
+        missing = [p.id for p in prompts if p.label is None]
+        if missing:
+            raise cm.doc.error(
+                key,
+                f"a label on every prompt, for eval.classify ({len(missing)} have none, e.g. "
+                f"{missing[0]!r})",
+            )
+    validator = next((v for v in validators if v.type == "label"), None)
+    if validator is None or not validator.params.get("labels"):
+        raise cm.doc.error(
+            cm.key, "a `label` validator naming the labels to rank (validators: [{type: label}])"
+        )
+    labels = tuple(str(x) for x in validator.params["labels"])
+    for key, prompts in labelled.items():
+        for p in prompts:
+            if p.label not in labels:
+                raise cm.doc.error(
+                    key,
+                    f"labels among the label validator's ({', '.join(labels)}); {p.id!r} is "
+                    f"labelled {p.label!r}",
+                )
+    decoder = cm.str("decoder", "ranking", choices=CLASSIFY_DECODERS)
+    if decoder == "generate":
+        for name in ("calibrate", "content_free", "bias"):
+            if name in cm.data:
+                raise cm.err(name, "absent with decoder: generate (it acts on ranking scores)")
+    values = cm.raw("content_free", list(CONTENT_FREE))
+    if not isinstance(values, list) or not values or not all(isinstance(v, str) for v in values):
+        raise cm.err(
+            "content_free",
+            f"a non-empty list of strings (field values such as 'N/A'), got {describe(values)}",
+        )
+    bm = cm.sub("bias", labels)  # an unknown label is an unknown key
+    return ClassifySpec(
+        labels=labels,
+        decoder=decoder,
+        calibrate=cm.bool("calibrate", True),
+        content_free=tuple(
+            (template.format_map(_EveryField(v)) if template else v).strip() for v in values
+        ),
+        bias={label: bm.float(label) for label in labels if bm.has(label)},
     )
 
 
@@ -639,10 +746,21 @@ def load_spec(path: str | Path) -> TaskSpec:
     if teacher.keep == "best" and not validators:
         raise top.err("teacher.keep", "'first' when no validators are given (nothing to rank by)")
     _check_few_shot_passes(doc, teacher, validators)
+    if teacher.gold:
+        from distiller.backends.gold import gold_answer
+
+        missing = [p.id for p in prompts if gold_answer(p) is None]
+        if missing:
+            raise top.err(
+                "teacher.gold",
+                f"a reference or a label on every prompt ({len(missing)} have neither, e.g. "
+                f"{missing[0]!r})",
+            )
 
     student = _student(top.sub("student", _STUDENT), teacher)
     split = _split(top.sub("split", _SPLIT), prompts)
-    ev = _eval(top.sub("eval", _EVAL), base, template, fld)
+    em = top.sub("eval", _EVAL)
+    ev = _eval(em, base, template, fld)
     _check_held_out(doc, prompts, ev)
     _check_span_references(
         doc,
@@ -650,6 +768,11 @@ def load_spec(path: str | Path) -> TaskSpec:
         {"prompts": prompts, "eval.dev": ev.dev}
         | {f"eval.prompt_sets.{k}": v for k, v in ev.prompt_sets.items()},
     )
+    if em.has("classify"):
+        labelled = {"prompts": prompts, "eval.dev": ev.dev}
+        labelled |= {f"eval.prompt_sets.{k}": v for k, v in ev.prompt_sets.items()}
+        classify = _classify(em.sub("classify", _CLASSIFY), template, validators, labelled)
+        ev = dataclasses.replace(ev, classify=classify)
 
     return TaskSpec(
         name=name,
