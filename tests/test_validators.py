@@ -379,7 +379,12 @@ def test_regex_must_and_must_not():
             "schema.properties.age.type",
             "'integr' is not valid",
         ),
-        ("json_schema", {"schema": {"$schema": "http://nope"}}, "schema.$schema", "a JSON Schema draft"),
+        (
+            "json_schema",
+            {"schema": {"$schema": "http://nope"}},
+            "schema.$schema",
+            "a JSON Schema draft",
+        ),
         ("json_schema", {"schema": {"$schema": 5}}, "schema.$schema", "a JSON Schema draft"),
         ("json_schema", {"schema_file": "/nonexistent.json"}, "schema_file", "an existing"),
         ("regex", {"must_match": ["("]}, "must_match[0]", "valid regex"),
