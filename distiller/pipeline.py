@@ -243,9 +243,9 @@ def compare(
 ) -> tuple[list, dict[str, dict]]:
     """Evaluate every contender on every prompt set (cached in the run dir by input hash).
 
-    Returns (EvalResults, single-stream latency per contender name). Latency is one whole
-    answer per model after a warm-up by default (~15 s each here); the throughput benchmarks
-    in ``evals/`` time more rounds.
+    Returns (EvalResults, single-stream latency per (task, contender name)). Latency is one
+    whole answer per model after a warm-up by default, decoded as the evaluation decodes; the
+    throughput benchmarks in ``evals/`` time more rounds.
     """
     from distiller.evaluate import cached_evaluate_together, resolve_prompts
     from distiller.models import load_model
@@ -266,7 +266,7 @@ def compare(
         results.extend(together.values())
         if latency_prompts:
             first = next(iter(together.values()))
-            latency[who.name] = _latency(
+            latency[(spec.name, who.name)] = _latency(
                 cache / f"latency-{first.key[:16]}.json",
                 spec,
                 who,
