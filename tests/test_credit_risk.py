@@ -182,3 +182,12 @@ def test_the_gold_teacher_needs_an_answer_on_every_prompt(tmp_path):
     path.write_text(path.read_text().replace("[{type: label}]", "[]"))
     with pytest.raises(SpecError, match=r"teacher\.gold: a reference or a label on every prompt"):
         load_spec(path)
+
+
+def test_distiller_spec_summarizes_a_gold_teacher_and_quotas(capsys):
+    from distiller.cli import main
+
+    assert main(["spec", str(SPEC), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["teacher"] == "gold (the prompts' own answers)"
+    assert summary["split"] == "60 test / 10 valid per class seed 0"

@@ -49,11 +49,17 @@ def run_cli(args: argparse.Namespace) -> int:
         "labels": {lb: sum(p.label == lb for p in spec.prompts) for lb in spec.labels},
         "prompt_sets": {k: len(v) for k, v in spec.eval.prompt_sets.items()},
         "teacher": spec.teacher.model
+        or ("gold (the prompts' own answers)" if spec.teacher.gold else None)
         or f"{spec.teacher.endpoint.model} @ {spec.teacher.endpoint.url}",
         "few_shot": len(spec.teacher.few_shot),
         "validators": [v.type for v in spec.validators],
         "student": f"{spec.student.model} ({spec.student.route})",
-        "split": f"{spec.split.train:g}/{spec.split.valid:g}/{spec.split.test:g} seed {spec.split.seed}",
+        "split": (
+            f"{spec.split.test_per_class} test / {spec.split.valid_per_class} valid per class"
+            if spec.split.test_per_class is not None
+            else f"{spec.split.train:g}/{spec.split.valid:g}/{spec.split.test:g}"
+        )
+        + f" seed {spec.split.seed}",
         "fingerprint": spec.fingerprint()[:16],
     }
     if args.json:
