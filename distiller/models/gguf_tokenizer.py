@@ -7,6 +7,9 @@ name of llama.cpp's pre-tokenizer. We turn that back into the files ``transforme
 
 Only byte-level BPE vocabularies (``tokenizer.ggml.model == "gpt2"``) are supported; the
 pre-tokenizer must be one whose llama.cpp regex we can reproduce exactly (see ``_PRE_TOKENIZERS``).
+
+``gguf_tokenizer_from_dir`` goes the other way, for ``distiller export``: a tokenizer dir's
+files as the GGUF tokenizer metadata llama.cpp reads.
 """
 
 from __future__ import annotations
