@@ -197,12 +197,15 @@ def task_metrics(spec: TaskSpec, records: list[dict[str, Any]]) -> dict[str, Any
                 "labels": labels,
                 "matrix": M.confusion_matrix(preds, refs, labels).tolist(),
             }
-            if all("raw_scores" in r for r in records):  # ranked: the calibration's effect
+            ranked = all("raw_scores" in r for r in records)
+            c = spec.eval.classify
+            if ranked and c is not None and (c.calibrate or c.bias):  # what calibration did
                 from distiller.classify import uncalibrated_prediction
 
                 raw = [uncalibrated_prediction(r["raw_scores"], labels) for r in records]
                 out["accuracy_uncalibrated"] = M.accuracy(raw, refs)
                 out["macro_f1_uncalibrated"] = M.macro_f1(raw, refs, labels)
+            if ranked:
                 out["mean_margin"] = statistics.fmean(r["margin"] for r in records)
     json_params = _validator_params(spec, "json_schema")
     if json_params is not None:

@@ -237,10 +237,11 @@ def classification_markdown(results: Sequence[Any]) -> str:
         decoder = (r.metrics.get("classify") or {}).get("decoder", "generate")
         if "accuracy_uncalibrated" in task:
             line += (
-                f"; without calibration: accuracy {task['accuracy_uncalibrated']:.3f}, "
-                f"macro-F1 {task['macro_f1_uncalibrated']:.3f}; mean top-2 margin "
-                f"{task['mean_margin']:.3f}"
+                f"; without calibration or bias: accuracy {task['accuracy_uncalibrated']:.3f}, "
+                f"macro-F1 {task['macro_f1_uncalibrated']:.3f}"
             )
+        if "mean_margin" in task:
+            line += f"; mean top-2 margin {task['mean_margin']:.3f}"
         labels = confusion["labels"]
         rows = [
             [
@@ -255,7 +256,10 @@ def classification_markdown(results: Sequence[Any]) -> str:
             f"### {r.task} / {r.prompt_set} / {r.model} (decoder: {decoder})\n",
             line + "\n",
             tabulate(
-                rows, headers=["class", "precision", "recall", "F1", "support"], tablefmt="github"
+                rows,
+                headers=["class", "precision", "recall", "F1", "support"],
+                tablefmt="github",
+                disable_numparse=True,  # keep three decimals, as the line above
             ),
             "",
             tabulate(matrix, headers=["gold \\ predicted", *labels], tablefmt="github"),

@@ -408,3 +408,46 @@ def test_agreement_narrows_the_paired_interval():
     unpaired = newcombe_interval(70, 100, 50, 100)
     assert paired[1] - paired[0] < unpaired[1] - unpaired[0]
     assert paired[0] > 0.1  # 20 disagreements, all one way: a clear lift
+
+
+def test_without_calibration_or_bias_no_uncalibrated_figures_are_repeated(
+    tiny_model_dir, ranking_spec, tiny
+):
+    from distiller.evaluate import evaluate
+
+    spec = ranking_spec
+    spec = replace(
+        spec, eval=replace(spec.eval, classify=replace(spec.eval.classify, calibrate=False))
+    )
+    result = evaluate(tiny_model_dir, spec, spec.prompts[:3], loaded=tiny, progress=False)
+    task = result.metrics["task"]
+    assert "accuracy_uncalibrated" not in task and 0.0 <= task["mean_margin"] <= 1.0
+    assert all(r["prior"] == {y: 0.0 for y in LABELS} for r in result.records)
+    assert all(r["scores"] == r["raw_scores"] for r in result.records)
+
+
+def test_the_report_shows_per_class_figures_and_the_confusion_matrix(
+    tiny_model_dir, ranking_spec, tiny
+):
+    from distiller.evaluate import evaluate
+    from distiller.report import build_report
+
+    spec = ranking_spec
+    result = evaluate(
+        tiny_model_dir, spec, spec.prompts, loaded=tiny, progress=False, name="vanilla"
+    )
+    _, markdown = build_report([result], samples=0)
+    section = markdown.split("## Classification\n", 1)[1]
+    task = result.metrics["task"]
+    k = round(task["accuracy"] * len(spec.prompts))
+    assert f"({k}/{len(spec.prompts)})" in section and "decoder: ranking" in section
+    assert "without calibration or bias" in section and "mean top-2 margin" in section
+    for label in LABELS:
+        row = next(line for line in section.splitlines() if line.startswith(f"| {label} "))
+        assert f"{task['per_class'][label]['recall']:.3f}" in row
+    counts = task["confusion"]["matrix"]
+    matrix_rows = [
+        line for line in section.splitlines() if line.startswith("| ") and "gold" not in line
+    ][-3:]
+    for line, want in zip(matrix_rows, counts, strict=True):
+        assert [int(x) for x in line.strip("| ").split("|")[1:]] == want

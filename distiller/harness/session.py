@@ -140,7 +140,8 @@ class DistillerSession:
         student_style = spec.student.prompt_style
         if name == "teacher":
             if not spec.teacher.model:
-                pytest.skip(f"{spec.name}: the teacher is a remote endpoint; nothing local to run")
+                what = "the data's gold answers" if spec.teacher.gold else "a remote endpoint"
+                pytest.skip(f"{spec.name}: the teacher is {what}; nothing local to run")
             return ModelUnderTest("teacher", spec.teacher.model, "scaffold", spec.name)
         if name == "vanilla":
             return ModelUnderTest("vanilla", spec.student.model, student_style, spec.name)
