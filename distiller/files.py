@@ -14,22 +14,14 @@ __all__ = ["atomic_dir", "atomic_file", "atomic_write"]
 
 def atomic_write(path: str | Path, data: str | bytes, *, durable: bool = True) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same directory and an atomic
-    rename: readers see the old file or the new one, never a mix. ``durable`` fsyncs first, so
-    the new content also survives a power cut (what checkpoints need)."""
+    rename (``atomic_file``): readers see the old file or the new one, never a mix. ``durable``
+    fsyncs first, so the new content also survives a power cut (what checkpoints need)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    mode = "wb" if isinstance(data, bytes) else "w"
-    try:
-        with open(tmp, mode, **({} if isinstance(data, bytes) else {"encoding": "utf-8"})) as f:
-            f.write(data)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(path, durable=durable) as tmp:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data, encoding="utf-8")
     return path
 
 

@@ -4,7 +4,6 @@ plus saving/loading adapters in the layout ``mlx_lm.load(adapter_path=...)`` und
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import mlx.core as mx
@@ -12,7 +11,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from distiller.errors import UserError
-from distiller.files import atomic_write
+from distiller.files import atomic_file, atomic_write
 from distiller.spec import LoraSpec
 
 ALL_PROJECTIONS = (
@@ -94,22 +93,13 @@ def trainable_weights(model: nn.Module) -> dict[str, mx.array]:
 
 
 def atomic_save_safetensors(path: str | Path, arrays: dict[str, mx.array]) -> Path:
-    """``mx.save_safetensors`` with ``distiller.files.atomic_write``'s guarantee (a temporary
-    file in the same directory, fsynced, then renamed over ``path``). The arrays are streamed
-    into the open file rather than serialized to bytes first, so full fine-tuning checkpoints
-    do not hold a second copy of the weights in memory."""
+    """``mx.save_safetensors`` written whole or not at all (``distiller.files.atomic_file``).
+    The arrays are streamed into the open file rather than serialized to bytes first, so full
+    fine-tuning checkpoints do not hold a second copy of the weights in memory."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:  # a file object: MLX adds no ".safetensors" suffix to it
-            mx.save_safetensors(f, arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        # A file object, not a path: MLX adds no ".safetensors" suffix to it.
+        mx.save_safetensors(f, arrays)
     return path
 
 
