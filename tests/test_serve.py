@@ -617,3 +617,88 @@ def test_page_in_headless_chromium(server: Server, loaded, spec_path: Path, tmp_
             shutil.copy(shot, os.environ["SERVE_SCREENSHOT"])
     finally:
         driver.quit()
+
+
+# -- verdicts that read the prompt ----------------------------------------------------------
+
+
+def test_a_span_verdict_reads_the_prompt_it_answers(loaded, tmp_path: Path) -> None:
+    """The ``span`` validator checks the answer against the passage in the prompt: the server
+    passes each completion's prompt (the last user message, not the scaffold around it) and
+    ``/v1/validate`` its ``prompt`` / ``fields``, as ``evaluate`` passes each eval prompt.
+    Without them every span verdict would fail on "no passage"."""
+    from fastapi.testclient import TestClient
+
+    from distiller.serve.app import ServeState, create_app
+    from distiller.serve.batching import ModelWorker
+    from distiller.spec import Prompt, load_spec
+    from distiller.validators import build_validator
+
+    context = "Nadia Orlund reported the outage; Hugo Brannet rolled out the fix on May 5."
+    (tmp_path / "qa.jsonl").write_text(
+        json.dumps({"id": "q1", "context": context, "question": "Who fixed it?",
+                    "reference": "Hugo Brannet"}) + "\n"
+        + json.dumps({"id": "q2", "context": context, "question": "When was the fix?",
+                      "reference": "May 5"}) + "\n"
+        + json.dumps({"id": "q3", "context": context, "question": "Who reported it?",
+                      "reference": "Nadia Orlund"}) + "\n",
+        encoding="utf-8",
+    )  # fmt: skip
+    (tmp_path / "qa.yaml").write_text(
+        "name: qa\n"
+        'prompts: {file: qa.jsonl, template: "Context: {context}\\nQuestion: {question}"}\n'
+        "teacher: {gold: true}\n"
+        "validators: [{type: span, max_words: 4}]\n"
+        "student: {model: ./no-such-student}\n"
+        "split: {train: 0.34, valid: 0.33, test: 0.33}\n",
+        encoding="utf-8",
+    )
+    spec = load_spec(tmp_path / "qa.yaml")
+    validator = build_validator(spec.validators)
+    model, tokenizer = loaded["teacher"]
+    state = ServeState(
+        workers={"t": ModelWorker("t", model, tokenizer)},
+        spec=spec,
+        validator=validator,
+        scaffolded=frozenset({"t"}),
+    )
+    user = spec.prompts[0].text
+    try:
+        with TestClient(create_app(state)) as client:
+
+            def validate(**body) -> dict:
+                r = client.post("/v1/validate", json={"text": "Hugo Brannet", **body})
+                assert r.status_code == 200, r.text
+                return r.json()
+
+            assert validate(prompt=user)["passed"]
+            assert validate(fields={"context": context})["passed"]
+            # the field wins over the prompt text, as in evaluate: "fixed" is only in the question
+            assert not validate(text="fixed", prompt=user, fields={"context": context})["passed"]
+            assert validate(text="fixed", prompt=user)["passed"]
+            missed = validate(text="Ada Lovelace", prompt=user)
+            assert not missed["passed"] and "is not a span of the passage" in " ".join(
+                missed["reasons"]
+            )
+            assert "no passage" in " ".join(validate()["reasons"])  # nothing to check against
+            r = client.post("/v1/validate", json={"text": "x", "fields": {"context": 3}})
+            _error(r, 400, "fields: expected a mapping")
+
+            body = {"model": "t", "messages": [{"role": "user", "content": user}],
+                    "max_tokens": 6}  # fmt: skip
+            got = client.post("/v1/chat/completions", json=body).json()
+            text = got["choices"][0]["message"]["content"]
+            want = validator(text, Prompt(id="request", text=user)).to_dict()
+            assert got["distiller"]["verdict"] == want
+            assert "no passage" not in " ".join(want["reasons"])
+            with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+                events = [
+                    json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")
+                ]
+            streamed = "".join(
+                e["choices"][0]["delta"].get("content", "") for e in events if e["choices"]
+            )
+            assert streamed == text
+            assert events[-1]["distiller"]["verdict"] == want
+    finally:
+        state.workers["t"].close()

@@ -29,6 +29,7 @@ from distiller.decoding import Decoding
 from distiller.generate import Generation, chat_prompt
 from distiller.serve.batching import CallJob, GenerateJob, ModelWorker
 from distiller.serve.telemetry import Telemetry
+from distiller.spec.schema import Prompt
 
 log = logging.getLogger("distiller.serve")
 
@@ -269,10 +270,23 @@ def read_decoding(data: dict, limits: Limits) -> Decoding:
 # Responses
 
 
+def request_prompt(messages: list[dict[str, str]]) -> Prompt | None:
+    """The prompt a completion answers, as validators take it (``evaluate`` passes each eval
+    prompt): the conversation's last user message, before any scaffold. A ``span`` answer must
+    come from it; None when the conversation has no user turn."""
+    text = next((m["content"] for m in reversed(messages) if m["role"] == "user"), None)
+    return None if text is None else Prompt(id="request", text=text)
+
+
 def _extras(
-    state: ServeState, generation: Generation, seconds: float, first_text_s: float | None
+    state: ServeState,
+    generation: Generation,
+    seconds: float,
+    first_text_s: float | None,
+    prompt: Prompt | None,
 ) -> dict[str, Any]:
-    """What distiller adds to a completion (ignored by OpenAI clients): timing and verdict."""
+    """What distiller adds to a completion (ignored by OpenAI clients): timing and the verdict
+    on the answer to ``prompt``."""
     decode_s = seconds - first_text_s if first_text_s is not None else seconds
     tokens = generation.generation_tokens
     out: dict[str, Any] = {
@@ -282,7 +296,7 @@ def _extras(
         "verdict": None,
     }
     if state.validator is not None:
-        out["verdict"] = state.validator(generation.text).to_dict()
+        out["verdict"] = state.validator(generation.text, prompt).to_dict()
     return out
 
 
@@ -432,7 +446,9 @@ def create_app(state: ServeState) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         data = await read_json(request, state.limits)
         worker = _worker(state, data)
-        messages = state.scaffold(worker.name, read_messages(data.get("messages"), state.limits))
+        asked = read_messages(data.get("messages"), state.limits)
+        asked_prompt = request_prompt(asked)
+        messages = state.scaffold(worker.name, asked)
         decoding = read_decoding(data, state.limits)
         stream = data.get("stream", False)
         if not isinstance(stream, bool):
@@ -456,7 +472,9 @@ def create_app(state: ServeState) -> FastAPI:
             usage = isinstance(options, dict) and options.get("include_usage") is True
             slot = _Slot(state)
             return StreamingResponse(
-                _stream(state, worker, prompt, decoding, cid, created, start, usage, slot),
+                _stream(
+                    state, worker, prompt, decoding, cid, created, start, usage, slot, asked_prompt
+                ),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
@@ -487,7 +505,7 @@ def create_app(state: ServeState) -> FastAPI:
                     }
                 ],
                 "usage": _usage(generation),
-                "distiller": _extras(state, generation, seconds, None),
+                "distiller": _extras(state, generation, seconds, None, asked_prompt),
             }
         )
 
@@ -501,6 +519,7 @@ def create_app(state: ServeState) -> FastAPI:
         start: float,
         include_usage: bool,
         slot: _Slot,
+        asked: Prompt | None,
     ) -> AsyncIterator[str]:
         loop = asyncio.get_running_loop()
         segments: asyncio.Queue[str | None] = asyncio.Queue()
@@ -528,7 +547,7 @@ def create_app(state: ServeState) -> FastAPI:
                 yield _chunk(cid, created, worker.name, {"content": piece})
             seconds = time.perf_counter() - start
             state.telemetry.model(worker.name, seconds, generation.generation_tokens)
-            extra = {"distiller": _extras(state, generation, seconds, first_text_s)}
+            extra = {"distiller": _extras(state, generation, seconds, first_text_s, asked)}
             yield _chunk(cid, created, worker.name, {}, generation.finish_reason, **extra)
             if include_usage:
                 yield f"data: {json.dumps({'id': cid, 'object': 'chat.completion.chunk', 'created': created, 'model': worker.name, 'choices': [], 'usage': _usage(generation)})}\n\n"
@@ -544,7 +563,7 @@ def create_app(state: ServeState) -> FastAPI:
             raise ApiError(400, "no validators here: start the server with --spec")
         if not isinstance(data.get("text"), str):
             raise ApiError(400, "text: expected the answer to validate", param="text")
-        return state.validator(data["text"]).to_dict()
+        return state.validator(data["text"], _validate_prompt(data)).to_dict()
 
     @app.post("/v1/classify")
     async def classify(request: Request) -> dict[str, Any]:
@@ -607,6 +626,25 @@ def create_app(state: ServeState) -> FastAPI:
         return FileResponse(path, media_type="image/png")
 
     return app
+
+
+def _validate_prompt(data: dict) -> Prompt | None:
+    """``/v1/validate``'s optional ``prompt`` (the user prompt the text answers) and ``fields``
+    (the prompt's fields, as in a prompts file: a ``span`` answer must come from
+    ``fields[<its field>]`` when given, else from the prompt)."""
+    prompt, fields = data.get("prompt"), data.get("fields")
+    if prompt is not None and not isinstance(prompt, str):
+        raise ApiError(400, "prompt: expected the user prompt the text answers", param="prompt")
+    if fields is not None and not (
+        isinstance(fields, dict) and all(isinstance(v, str) for v in fields.values())
+    ):
+        raise ApiError(
+            400, "fields: expected a mapping of field name -> text (the prompt's fields)",
+            param="fields",
+        )  # fmt: skip
+    if prompt is None and fields is None:
+        return None
+    return Prompt(id="request", text=prompt or "", meta=dict(fields or {}))
 
 
 def _classify_inputs(data: dict, limits: Limits) -> list[list[dict[str, str]]]:

@@ -16,8 +16,8 @@ DEFAULT_REPORT = Path(".distiller/reports/latest.json")
 
 DESCRIPTION = """\
 Serve models over HTTP: OpenAI-compatible /v1/chat/completions (streamed or not) and /v1/models,
-/v1/classify (calibrated label ranking, with --spec of a classification task), /v1/validate,
-/health, /metrics (request counts, p50/p95 latencies), the side-by-side chat page at / and the
+/v1/classify (calibrated label ranking, with --spec of a classification task), /v1/validate
+({"text", "prompt", "fields"}: the spec's validators on an answer to that prompt), /health, /metrics (request counts, p50/p95 latencies), the side-by-side chat page at / and the
 report page at /report.
 
 examples:
