@@ -11,23 +11,16 @@ documented in ``distiller.datagen.qa``.
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 
 import distiller  # noqa: F401  (the package's import-time setup)
-from distiller.datagen import qa
-from distiller.files import atomic_write
+from distiller.datagen import jsonl, qa, write_main
 
 OUT = Path(__file__).resolve().parent.parent / "fixtures" / "tasks" / "extractive_qa"
 CURRICULUM_ROWS = 300
 CURRICULUM_SEED = 0
 DEV_ROWS = 30
 DEV_SEED = 1
-
-
-def jsonl(rows: list[qa.Row]) -> str:
-    return "".join(json.dumps(r.entry(), ensure_ascii=False) + "\n" for r in rows)
 
 
 def task_files() -> dict[str, str]:
@@ -40,13 +33,7 @@ def task_files() -> dict[str, str]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=OUT, help=f"directory (default {OUT})")
-    args = parser.parse_args()
-    for name, text in task_files().items():
-        atomic_write(args.out / name, text)
-        print(f"wrote {args.out / name} ({text.count(chr(10))} rows)")
-    return 0
+    return write_main(__doc__, OUT, task_files)
 
 
 if __name__ == "__main__":
