@@ -286,7 +286,7 @@ def test_classify_needs_dev_labels_among_the_labels(tmp_path):
     )
     with pytest.raises(
         SpecError,
-        match=r"eval.dev.*labels among the label validator's .*'z' is labelled 'Excellent'",
+        match=r"eval.dev.*a label among validators\[0\].labels .*'z' is labelled 'Excellent'",
     ):
         load_spec(path)
 

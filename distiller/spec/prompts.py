@@ -57,10 +57,13 @@ def load_prompts(
     key: str,
     inherit_template: str | None = None,
     inherit_field: str = "text",
+    origins: dict[str, tuple[Doc, str]] | None = None,
 ) -> tuple[Prompt, ...]:
     """Parse one prompts section (its format: the ``distiller.spec`` docstring).
 
     Errors point at ``doc``/``key``, or at the prompts file's own lines for its entries.
+    ``origins``, when given, is filled with prompt id -> (the document, the entry's key), so
+    that checks made later (a gold answer, a label) can name the entry's own file and line.
     """
     template, fld, vary = inherit_template, inherit_field, {}
     src_doc, src_key, entries = doc, key, None
@@ -163,6 +166,8 @@ def load_prompts(
                     f"{ekey}.id", f"a unique id; '{this_id}' is also used by {seen_id[this_id]}"
                 )
             seen_id[this_id] = ekey
+            if origins is not None:
+                origins[this_id] = (src_doc, ekey)
             prompts.append(
                 Prompt(
                     id=this_id,

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from distiller.decoding import Decoding
+from distiller.errors import SpecError
 from distiller.spec.prompts import load_prompts, norm_text
 from distiller.spec.schema import (
     CLASSIFY_DECODERS,
@@ -266,6 +268,14 @@ def _validators(
             params["labels"] = sorted(
                 {p.label for p in prompts}
             )  # default: the curriculum's labels
+        if type_ == "label" and params.get("labels") is None and prompts:
+            unlabelled = [p.id for p in prompts if not p.label]
+            if unlabelled:
+                raise doc.error(
+                    f"{key}.labels",
+                    "a list of labels: they default to the prompts' only when every prompt has "
+                    f"one ({len(unlabelled)} of {len(prompts)} have none, e.g. {unlabelled[0]!r})",
+                )
         try:
             params = V.check_params(str(type_), params)
         except V.ParamError as e:
@@ -672,8 +682,66 @@ def _check_held_out(doc: Doc, prompts: tuple[Prompt, ...], ev: EvalSpec) -> None
                 )
 
 
+# error(key in the spec, prompt, key inside its entry, expected) -> the error to raise: at the
+# entry's own file and line where it is known (``load_prompts``' origins), else at the key.
+_PromptError = Callable[[str, Prompt, str, str], SpecError]
+
+
+def _prompt_errors(doc: Doc, origins: dict[str, dict[str, tuple[Doc, str]]]) -> _PromptError:
+    """``_PromptError`` for prompts whose entries ``origins`` (key -> prompt id -> (document,
+    entry key)) locates; others are reported at the spec key that holds them."""
+
+    def error(key: str, prompt: Prompt, sub: str, expected: str) -> SpecError:
+        found = origins.get(key, {}).get(prompt.id)
+        if found is None:
+            return doc.error(key, expected)
+        src, entry = found
+        return src.error(f"{entry}.{sub}" if sub else entry, expected)
+
+    return error
+
+
+def _check_labels(
+    doc: Doc,
+    validators: tuple[ValidatorSpec, ...],
+    sets: dict[str, tuple[Prompt, ...]],
+    error: _PromptError,
+) -> None:
+    """A ``label`` validator and the prompts' labels agree: every label a prompt of ``sets``
+    (key in the spec -> prompts) carries is one of the validator's (else a gold answer fails
+    its own check, and a model can never be right on that prompt), and, when every curriculum
+    prompt is labelled, every validator label labels one of them (a class no prompt has is
+    learned from nothing and measured on nothing)."""
+    from distiller.validators import normalize_label
+
+    for i, v in enumerate(validators):
+        if v.type != "label":
+            continue
+        labels, cs = v.params["labels"], v.params["case_sensitive"]
+        for key, prompts in sets.items():
+            for p in prompts:
+                if p.label is not None and normalize_label(p.label, labels, cs) is None:
+                    raise error(
+                        key, p, "label", f"a label among validators[{i}].labels "
+                        f"({', '.join(labels)}); {p.id!r} is labelled {p.label!r}",
+                    )  # fmt: skip
+        curriculum = sets.get("prompts", ())
+        if curriculum and all(p.label is not None for p in curriculum):
+            carried = {normalize_label(str(p.label), labels, cs) for p in curriculum}
+            unused = [y for y in labels if y not in carried]
+            if unused:
+                raise doc.error(
+                    f"validators[{i}].labels",
+                    f"labels the prompts carry; {unused[0]!r} labels none of the "
+                    f"{len(curriculum)} prompts (theirs: {', '.join(sorted(carried))})",
+                )
+
+
 def _check_span_references(
-    doc: Doc, validators: tuple[ValidatorSpec, ...], sets: dict[str, tuple[Prompt, ...]]
+    doc: Doc,
+    validators: tuple[ValidatorSpec, ...],
+    sets: dict[str, tuple[Prompt, ...]],
+    error: _PromptError | None = None,
 ) -> None:
     """With a ``span`` validator, every prompt of ``sets`` (key in the spec -> prompts) has the
     passage field, and a prompt's gold answers (``reference``: a string or a list of them, the
@@ -686,31 +754,32 @@ def _check_span_references(
     span = next((v for v in validators if v.type == "span"), None)
     if span is None:
         return
+    error = error or _prompt_errors(doc, {})
     field_name = span.params["field"]
     for key, prompts in sets.items():
         for p in prompts:
             if field_name not in p.meta:
-                raise doc.error(
-                    key, f"a {field_name!r} field on every prompt (the span validator's passage); "
+                raise error(
+                    key, p, "", f"a {field_name!r} field on every prompt (the span validator's passage); "
                     f"{p.id!r} has none",
                 )  # fmt: skip
             if p.reference is None:
                 continue
             refs = [p.reference] if isinstance(p.reference, str) else p.reference
             if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs):
-                raise doc.error(
-                    key, f"gold answers as a string or a non-empty list of strings; {p.id!r} has "
+                raise error(
+                    key, p, "reference", f"gold answers as a string or a non-empty list of strings; {p.id!r} has "
                     f"{_clip(p.reference)}",
                 )  # fmt: skip
             empty = next((r for r in refs if not normalize_answer(r)), None)
             if empty is not None:
-                raise doc.error(
-                    key, f"gold answers with words left after SQuAD normalization; {p.id!r} has "
+                raise error(
+                    key, p, "reference", f"gold answers with words left after SQuAD normalization; {p.id!r} has "
                     f"{empty!r}",
                 )  # fmt: skip
             if not is_span(refs[0], span_source(p, field_name) or ""):
-                raise doc.error(
-                    key, f"gold answers found in their {field_name}; {p.id!r}'s answer "
+                raise error(
+                    key, p, "reference", f"gold answers found in their {field_name}; {p.id!r}'s answer "
                     f"{refs[0]!r} is not in its {field_name}",
                 )  # fmt: skip
 
@@ -735,7 +804,9 @@ def load_spec(path: str | Path) -> TaskSpec:
     if not top.has("prompts"):
         raise top.err("prompts", "required: a prompts file, a list, or {file, template, ...}")
     pv = top.data["prompts"]
-    prompts = load_prompts(pv, base, doc, "prompts")
+    origins: dict[str, tuple[Doc, str]] = {}
+    prompts = load_prompts(pv, base, doc, "prompts", origins=origins)
+    prompt_error = _prompt_errors(doc, {"prompts": origins})
     template = pv.get("template") if isinstance(pv, dict) else None
     fld = (pv.get("field") or "text") if isinstance(pv, dict) else "text"
 
@@ -762,12 +833,10 @@ def load_spec(path: str | Path) -> TaskSpec:
     em = top.sub("eval", _EVAL)
     ev = _eval(em, base, template, fld)
     _check_held_out(doc, prompts, ev)
-    _check_span_references(
-        doc,
-        validators,
-        {"prompts": prompts, "eval.dev": ev.dev}
-        | {f"eval.prompt_sets.{k}": v for k, v in ev.prompt_sets.items()},
-    )
+    every_set = {"prompts": prompts, "eval.dev": ev.dev}
+    every_set |= {f"eval.prompt_sets.{k}": v for k, v in ev.prompt_sets.items()}
+    _check_span_references(doc, validators, every_set, prompt_error)
+    _check_labels(doc, validators, every_set, prompt_error)
     if em.has("classify"):
         labelled = {"prompts": prompts, "eval.dev": ev.dev}
         labelled |= {f"eval.prompt_sets.{k}": v for k, v in ev.prompt_sets.items()}
