@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "spec": ("distiller.spec.cli", "check a task spec; run its validators on a text (--check)"),
     "teach": ("distiller.teacher", "generate validated teacher samples for a task spec"),
     "prepare": ("distiller.dataset", "turn teacher samples into train/valid/test chat data"),
+    "pairs": ("distiller.pairs", "build on-policy DPO pairs from the SFT student's own failures"),
     "train": ("distiller.train", "train a student adapter (sft, seq-kd, logit-kd, dpo)"),
     "fuse": ("distiller.fuse", "fuse an adapter into a standalone (optionally quantized) model"),
     "export": ("distiller.models.export_gguf", "export a fused llama model as GGUF for llama.cpp"),

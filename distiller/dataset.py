@@ -470,7 +470,11 @@ def prepare_dataset(
         )
         rows["test"].append(row)
 
-    if route == "dpo" and not pairs["train"]:
+    # On-policy pairs are built later, from the policy's own samples (``distiller pairs``).
+    on_policy = (
+        route == "dpo" and spec.student.dpo is not None and spec.student.dpo.pairs == "on_policy"
+    )
+    if route == "dpo" and not on_policy and not pairs["train"]:
         raise UserError(
             f"{store_path}: route dpo needs preference pairs, but no train prompt has both an accepted "
             "and a rejected teacher sample (raise teacher.samples_per_prompt)"
@@ -482,7 +486,7 @@ def prepare_dataset(
     with atomic_dir(out_dir) as tmp:
         for name in SPLITS:
             _write_jsonl(tmp / f"{name}.jsonl", rows[name])
-        if route == "dpo" or pairs["train"]:
+        if (route == "dpo" and not on_policy) or pairs["train"]:
             for name in ("train", "valid"):
                 _write_jsonl(tmp / f"pairs_{name}.jsonl", pairs[name])
         (tmp / "data_card.json").write_text(

@@ -140,9 +140,26 @@ class DropLayersSpec:
         return sorted(kept)
 
 
+DPO_PAIRS = ("teacher", "on_policy")
+
+
 @dataclass(frozen=True)
 class DPOSpec:
+    """``student.dpo``. ``pairs: teacher``: an accepted teacher sample against a rejected one
+    of the same prompt (``distiller prepare``). ``pairs: on_policy``: the dataset's answer (the
+    kept teacher sample, or gold) against the policy's own sample where that fails the
+    validators or the gold answer (``distiller pairs``); the policy is also the model DPO
+    starts from and its frozen reference."""
+
     beta: float = 0.1
+    pairs: str = "teacher"  # teacher | on_policy
+    # on_policy: "sft" (this task's fused SFT student, <run dir>/fuse/model) or a model
+    # (registry name, directory, hub id).
+    policy: str | None = None
+    samples_per_prompt: int = 1  # the policy's samples per train/valid prompt
+    # 0: the eval decoding itself (greedy), the answer the student gives when measured;
+    # > 0: that decoding sampled at this temperature, seeded per (prompt, sample).
+    temperature: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from distiller.spec.prompts import load_prompts, norm_text
 from distiller.spec.schema import (
     CLASSIFY_DECODERS,
     CONTENT_FREE,
+    DPO_PAIRS,
     LORA_KEYS,
     ROUTES,
     TEACHER_DECODING,
@@ -83,6 +84,7 @@ _KD_CACHE = ("top_k", "missing")
 _GKD = ("lmbda", "jsd_beta", "temperature")
 _DROP_LAYERS = ("keep_every", "keep")
 _QUANTIZE = ("bits", "group_size")
+_DPO = ("beta", "pairs", "policy", "samples_per_prompt", "temperature")
 _SPLIT = ("train", "valid", "test", "seed", "stratify_by", "test_per_class", "valid_per_class")
 _EVAL = (
     "max_tokens", "no_repeat_ngram", "repetition_penalty", "stop", "json_schema", "thresholds",
@@ -344,7 +346,11 @@ def _student(m: Map, teacher: TeacherSpec) -> StudentSpec:
     if m.has("dpo") and route != "dpo":
         raise m.err("dpo", f"absent unless route is dpo (route is {route})")
     if route == "dpo":
-        dpo = DPOSpec(beta=m.sub("dpo", ("beta",)).float("beta", 0.1, lo=0, lo_open=True))
+        dpo = _dpo(m.sub("dpo", _DPO))
+        if dpo.pairs == "on_policy" and drop is not None:
+            raise m.err(
+                "drop_layers", "absent with dpo.pairs: on_policy (DPO starts from dpo.policy)"
+            )
 
     quant = _quantize(m.sub("quantize", _QUANTIZE)) if m.has("quantize") else None
 
@@ -359,6 +365,35 @@ def _student(m: Map, teacher: TeacherSpec) -> StudentSpec:
         drop_layers=drop,
         dpo=dpo,
         quantize=quant,
+    )
+
+
+def _dpo(dm: Map) -> DPOSpec:
+    pairs = dm.str("pairs", "teacher", choices=DPO_PAIRS)
+    if pairs != "on_policy":
+        for name in ("policy", "samples_per_prompt", "temperature"):
+            if dm.has(name):
+                raise dm.err(name, "absent unless pairs is on_policy")
+    if pairs == "on_policy" and not dm.has("policy"):
+        raise dm.err(
+            "policy",
+            "required with pairs: on_policy: 'sft' (this task's fused SFT student) or a model",
+        )
+    policy = dm.str("policy") if pairs == "on_policy" else None
+    if policy is not None and policy != "sft" and looks_like_path(policy):
+        policy = str(resolve_path(dm.doc.path.parent, policy))
+    n = dm.int("samples_per_prompt", 1, lo=1)
+    temperature = dm.float("temperature", 0.0, lo=0)
+    if n > 1 and temperature == 0:
+        raise dm.err(
+            "temperature", "above 0 with samples_per_prompt > 1 (greedy samples are all alike)"
+        )
+    return DPOSpec(
+        beta=dm.float("beta", 0.1, lo=0, lo_open=True),
+        pairs=pairs,
+        policy=policy,
+        samples_per_prompt=n,
+        temperature=temperature,
     )
 
 

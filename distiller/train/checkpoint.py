@@ -94,6 +94,8 @@ def load_checkpoint(out_dir: Path, model, optimizer) -> dict | None:
 def write_metrics(out_dir: Path, rows: list[dict]) -> None:
     atomic_write(out_dir / "metrics.json", json.dumps(rows, indent=1) + "\n")
     cols = ["step", "train_loss", "val_loss", "lr", "tokens_per_s", "peak_memory_gb", "elapsed_s"]
+    # Route-specific columns (dpo's rewards, gkd's on-policy counts) after these, as they come.
+    cols += list(dict.fromkeys(k for r in rows for k in r if k not in cols))
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
     w.writeheader()

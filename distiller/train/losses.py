@@ -8,9 +8,11 @@ student. Shapes: logits (B, L, V), targets/mask (B, L).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from distiller import fast_ops as F
 
@@ -215,3 +217,30 @@ def dpo_loss(
     margin = (policy_chosen - reference_chosen) - (policy_rejected - reference_rejected)
     loss = -nn.log_sigmoid(beta * margin)
     return loss.mean(), (beta * margin).mean()
+
+
+def preference_stats(
+    policy_chosen: Any,
+    policy_rejected: Any,
+    reference_chosen: Any,
+    reference_rejected: Any,
+    beta: float,
+) -> dict[str, float]:
+    """DPO's diagnostics, as TRL logs them, means over pairs of sequence log-probabilities:
+    ``reward_chosen`` = beta * (policy - reference) of the chosen answer, ``reward_rejected``
+    the same of the rejected one, ``reward_margin`` their difference (what the loss pushes up)
+    and ``preference_accuracy`` the fraction of pairs whose margin is above 0 (a tie, as at the
+    start where policy == reference, is not a preference)."""
+    pc, pr, rc, rr = (np.asarray(x, np.float64) for x in (
+        policy_chosen, policy_rejected, reference_chosen, reference_rejected
+    ))  # fmt: skip
+    if not len(pc):
+        raise ValueError("preference_stats needs at least one pair")
+    chosen, rejected = beta * (pc - rc), beta * (pr - rr)
+    margin = chosen - rejected
+    return {
+        "reward_chosen": float(chosen.mean()),
+        "reward_rejected": float(rejected.mean()),
+        "reward_margin": float(margin.mean()),
+        "preference_accuracy": float((margin > 0).mean()),
+    }

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from distiller.spec import KDSpec
 from distiller.train import losses as L
@@ -126,6 +127,22 @@ def pair_logprobs(model: nn.Module, batch: dict[str, mx.array]) -> mx.array:
     """Summed answer log-probabilities per sequence (2B,): chosen rows, then rejected rows."""
     logp = L.token_logprobs(selected_logits(model, batch), selected_targets(batch))
     return batch["sel_rows"] @ (logp * batch["sel_mask"])
+
+
+def preference_stats(
+    model: nn.Module, batches: list[dict[str, mx.array]], beta: float
+) -> dict[str, float]:
+    """``losses.preference_stats`` of the model on pair batches (with ``ref_chosen`` and
+    ``ref_rejected``): mean rewards, reward margin and preference accuracy over their pairs."""
+    parts: list[list[np.ndarray]] = [[], [], [], []]
+    for b in batches:
+        lp = np.array(pair_logprobs(model, b))
+        n = lp.shape[0] // 2
+        for part, x in zip(
+            parts, (lp[:n], lp[n:], b["ref_chosen"], b["ref_rejected"]), strict=True
+        ):
+            part.append(np.asarray(x))
+    return L.preference_stats(*(np.concatenate(p) for p in parts), beta)
 
 
 def make_dpo_loss(beta: float) -> Callable:

@@ -232,6 +232,16 @@ def _reference_logprobs(
     return ch, rj
 
 
+def _preference_stats(model: nn.Module, batches: list[dict], beta: float) -> dict[str, float]:
+    """dpo's reward margin, preference accuracy and rewards over pair ``batches`` (with their
+    reference log-probs), for the metrics rows: ``routes.preference_stats``, without dropout."""
+    model.eval()
+    try:
+        return R.preference_stats(model, [ST.to_mx(b) for b in batches], beta)
+    finally:
+        model.train()
+
+
 def _load_teacher(spec: TaskSpec, model: nn.Module, tokenizer: Any) -> nn.Module:
     teacher, teacher_tok = load_model(spec.teacher.model)
     teacher.freeze()
@@ -375,6 +385,12 @@ def train(
 
     mx.random.seed(t.seed)
     base, kept = _prepare_student(spec, out_dir)
+    if route == "dpo" and _dpo(student).pairs == "on_policy":
+        from distiller.pairs import policy_of
+
+        # On-policy pairs: DPO starts from (and is referenced to) the model that wrote them.
+        base = policy_of(dataset_dir)
+    dpo_beta = _dpo(student).beta if route == "dpo" else None
     model, tokenizer = load_model(base)
 
     # ---- data
@@ -500,6 +516,15 @@ def train(
                     on_policy["generated_tokens"] += generated
                 else:
                     batch = make_batch(idx, train_data, ref_train, train_cache)
+                # dpo: a reported step's batch is also scored for its rewards, before its update
+                # (where its loss is measured).
+                train_stats = None
+                if dpo_beta is not None and (
+                    (step + 1) % runtime.steps_per_report == 0
+                    or step + 1 == total_steps
+                    or (val_batches and (step + 1) % t.steps_per_eval == 0)
+                ):
+                    train_stats = _preference_stats(model, [batch], dpo_beta)
                 # Dropout randomness is a function of (seed, step), so a resumed run draws
                 # exactly what an uninterrupted one would (MLX cannot restore a saved key).
                 mx.random.seed(t.seed * 1_000_003 + step)
@@ -527,9 +552,14 @@ def train(
                     if route == "gkd":
                         row["on_policy_steps"] = on_policy["steps"]
                         row["generated_tokens"] = on_policy["generated_tokens"]
+                    if train_stats is not None:
+                        row.update({f"train_{k}": v for k, v in train_stats.items()})
                     if do_eval:
                         val = ST.evaluate(model, loss_fn, val_batches)
                         row["val_loss"] = val
+                        if dpo_beta is not None:
+                            stats = _preference_stats(model, val_batches, dpo_beta)
+                            row.update({f"val_{k}": v for k, v in stats.items()})
                         # Only a strict improvement is a new best: ties keep the earlier one.
                         if best is None or val < best:
                             best, best_step, bad_evals = val, step, 0
