@@ -1,12 +1,14 @@
 """The gold teacher (``teacher: {gold: true}``): every prompt is answered with its own answer.
 
-The answer is the prompt's ``reference`` when it is a string, else its ``label``. The samples
-go through the teacher stage like a model's (validated, recorded, resumable), so training on
-them is supervised fine-tuning on gold; nothing is generated.
+The answer is the prompt's ``reference`` (a string; the first of a list; a JSON object written
+as JSON), else its ``label``. The samples go through the teacher stage like a model's
+(validated, recorded, resumable), so training on them is supervised fine-tuning on gold;
+nothing is generated.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 
 from distiller.backends import Completion, CompletionRequest
@@ -14,9 +16,16 @@ from distiller.spec import Prompt
 
 
 def gold_answer(prompt: Prompt) -> str | None:
-    """The prompt's gold answer: its reference (a string), else its label, else None."""
-    if isinstance(prompt.reference, str) and prompt.reference.strip():
-        return prompt.reference
+    """The prompt's gold answer: its reference, else its label, else None. A reference is a
+    string, a list of accepted strings (the first is the answer: extractive QA writes the span
+    as the passage does first) or a JSON object (extraction: written as JSON, keys in order)."""
+    ref = prompt.reference
+    if isinstance(ref, list) and ref and isinstance(ref[0], str):
+        ref = ref[0]
+    if isinstance(ref, str) and ref.strip():
+        return ref
+    if isinstance(ref, dict):
+        return json.dumps(ref, ensure_ascii=False)
     return prompt.label
 
 
