@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 
 from distiller.cli_types import out_dir, positive_int
+from distiller.train import distributed as D
 from distiller.train.step import make_train_step
 from distiller.train.trainer import TrainResult, TrainRuntime, train
 
@@ -47,7 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "the same command again resumes from it. The adapter in --out is the one with the lowest\n"
         "validation loss, or the final one with student.train.keep: last. --no-compile and\n"
         "--workers change how the run computes, not what it trains: a resumed run may change them.\n"
-        "train_result.json in --out marks a finished run; `distiller fuse` refuses an unfinished one."
+        "train_result.json in --out marks a finished run; `distiller fuse` refuses an unfinished one.\n\n"
+        "Across processes or hosts (data parallel, mlx.distributed): launch one per rank with\n"
+        "  mlx.launch -n 2 --backend ring -- distiller train SPEC --data D --out O\n"
+        "  mlx.launch --hostfile hosts.json -- distiller train SPEC --data D --out O\n"
+        "Each rank trains on its slice of every batch; rank 0 writes --out and logs; the update\n"
+        "is the whole batch's. --data and --out must be the same on every host (shared or copied)."
     )
 
 
@@ -62,6 +68,8 @@ def run_cli(args: argparse.Namespace) -> int:
         spec = replace(spec, student=replace(spec.student, train=train_spec))
     runtime = TrainRuntime(compile=not args.no_compile, workers=args.workers)
     r = train(spec, args.data, args.out, resume=not args.no_resume, runtime=runtime)
+    if not D.is_main(D.world()):  # rank 0 reports for every rank
+        return 0
     val = f"{r.best_val_loss:.4f} at step {r.best_step}" if r.best_val_loss is not None else "n/a"
     print(
         f"trained {r.route}: {r.steps}/{r.total_steps} steps, best val loss {val}"

@@ -17,6 +17,7 @@ from distiller.device import on_cpu
 from distiller.errors import UserError
 from distiller.spec import TrainSpec
 from distiller.train import batches as B
+from distiller.train import distributed as D
 from distiller.train import parallel as P
 
 
@@ -40,6 +41,7 @@ def make_train_step(
     grad_clip: float | None = None,
     workers: int | None = None,
     split: Callable[[dict, int], list[dict]] = B.split_rows,
+    group: mx.distributed.Group | None = None,
 ) -> Callable[..., mx.array]:
     """``step(*microbatches) -> loss``: forward, backward and one optimizer update.
 
@@ -53,11 +55,20 @@ def make_train_step(
     on separate CPU streams, then averaged with the loss's own weights (its supervised token
     count), which gives the whole batch's loss and gradient. ``loss_fn(model, batch)`` returns
     ``(loss, weight)`` with ``loss`` a mean over ``weight`` units.
+
+    ``group`` (``distiller.train.distributed``): ranks in other processes or hosts, each
+    passing its own slice of the global batch. The same weighted mean then runs over every
+    rank's shards (one ``all_sum`` per micro-batch), so each rank makes the update of the whole
+    global batch and the ranks' weights stay identical. None: the ranks this process was
+    launched with, which is this process alone without ``mlx.launch``.
     """
     loss_and_grad = nn.value_and_grad(model, loss_fn)
     if not optimizer.state:
         optimizer.init(model.trainable_parameters())
     n_workers = P.worker_count(workers)
+    group = group or D.world()
+    # One fused compiled update needs the whole batch's gradient in this process.
+    fused = n_workers == 1 and group.size() == 1
     state = [model.state, optimizer.state, mx.random.state]
     maybe_compile = partial(mx.compile, inputs=state, outputs=state) if compile else (lambda f: f)
 
@@ -73,19 +84,24 @@ def make_train_step(
         (loss, weight), grads = loss_and_grad(model, batch)
         return loss, weight, grads
 
-    def combine(shards):
-        if len(shards) == 1:
+    def combine(shards, counted=True):
+        if len(shards) == 1 and group.size() == 1:
             return shards[0][0], shards[0][2]
-        # The batch mean is the shards' means weighted by their counts; an all-masked batch
-        # (total 0) gives loss 0 and zero gradients, as one whole-batch call would.
-        total = mx.maximum(sum(w for _, w, _ in shards), 1)
-        loss = sum(loss * w for loss, w, _ in shards) / total
-        weights = [w for _, w, _ in shards]
-        grads = tree_map(
-            lambda *gs: sum(g * w for g, w in zip(gs, weights, strict=True)) / total,
-            *[g for _, _, g in shards],
-        )
-        return loss, grads
+        # The batch mean is the shards' means weighted by their counts, over this process's
+        # streams and then over the ranks; an all-masked batch (total 0) gives loss 0 and zero
+        # gradients, as one whole-batch call would.
+        weights = [w.astype(mx.float32) * (1.0 if counted else 0.0) for _, w, _ in shards]
+        sums = {
+            "weight": sum(weights),
+            "loss": sum(loss * w for (loss, _, _), w in zip(shards, weights, strict=True)),
+            "grads": tree_map(
+                lambda *gs: sum(g * w for g, w in zip(gs, weights, strict=True)),
+                *[g for _, _, g in shards],
+            ),
+        }
+        sums = D.sum_across(sums, group)
+        total = mx.maximum(sums["weight"], 1)
+        return sums["loss"] / total, tree_map(lambda g: g / total, sums["grads"])
 
     def apply(grads):
         optimizer.update(model, clip(grads))
@@ -110,19 +126,19 @@ def make_train_step(
     def grads_of(parts: list[dict]) -> list:
         return [grad_on[i](to_mx(part)) for i, part in enumerate(parts)]
 
-    def run(microbatches: list[list[dict]]) -> mx.array:
+    def run(microbatches: list[list[dict]], counted: bool) -> mx.array:
         """One update from micro-batches, each already cut into its shards."""
         if grad_accumulation == 1:
-            if n_workers == 1:
+            if fused:
                 loss = one(to_mx(microbatches[0][0]))
             else:
-                loss, grads = combine(grads_of(microbatches[0]))
+                loss, grads = combine(grads_of(microbatches[0]), counted)
                 apply(grads)
             mx.eval(loss, state)
             return loss
         total, acc = mx.array(0.0), None
         for parts in microbatches:
-            loss, grads = combine(grads_of(parts))
+            loss, grads = combine(grads_of(parts), counted)
             acc = grads if acc is None else tree_map(mx.add, acc, grads)
             total = total + loss
             mx.eval(total, acc)
@@ -131,30 +147,43 @@ def make_train_step(
         mx.eval(loss, state)
         return loss
 
-    def step(*microbatches: dict[str, Any]) -> mx.array:
+    def step(*microbatches: dict[str, Any], counted: bool = True) -> mx.array:
+        """``counted=False``: this rank has no rows of the global batch; it computes on the
+        ones given, joins the ranks' sum with weight 0 and makes the same update."""
         if len(microbatches) != grad_accumulation:
             raise ValueError(f"expected {grad_accumulation} micro-batches, got {len(microbatches)}")
         if n_workers == 1:
-            return run([[b] for b in microbatches])
+            return run([[b] for b in microbatches], counted)
         sharded = [split(b, n_workers) for b in microbatches]
         # The shards' BLAS calls share the cores (a batch may have fewer rows than workers).
         per_call = max(1, P.cpu_cores() // max(len(parts) for parts in sharded))
         with blas.threads(per_call):
-            return run(sharded)
+            return run(sharded, counted)
 
     return step
 
 
-def evaluate(model: nn.Module, loss_fn: Callable, batches: list[dict]) -> float:
-    """Token-weighted mean loss over the validation batches."""
+def evaluate(
+    model: nn.Module,
+    loss_fn: Callable,
+    batches: list[dict],
+    group: mx.distributed.Group | None = None,
+) -> float:
+    """Token-weighted mean loss over the validation batches. With several ranks each scores
+    every ``size``-th batch and the sums are shared, so all ranks get the same figure (and make
+    the same early-stopping decision)."""
+    group = group or D.world()
     model.eval()
     total, weight = 0.0, 0.0
-    for b in batches:
+    for b in batches[group.rank() :: group.size()]:
         loss, ntoks = loss_fn(model, to_mx(b))
         mx.eval(loss, ntoks)
         total += loss.item() * max(ntoks.item(), 1)
         weight += max(ntoks.item(), 1)
     model.train()
+    if group.size() > 1:
+        sums = D.sum_across({"total": mx.array(total), "weight": mx.array(weight)}, group)
+        total, weight = sums["total"].item(), sums["weight"].item()
     return total / weight if weight else float("nan")
 
 

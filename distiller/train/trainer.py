@@ -42,6 +42,7 @@ from distiller.models import load_model, resolve_model
 from distiller.spec import ROUTES, DPOSpec, KDSpec, StudentSpec, TaskSpec
 from distiller.train import batches as B
 from distiller.train import checkpoint as C
+from distiller.train import distributed as D
 from distiller.train import logit_cache as LC
 from distiller.train import lora as LR
 from distiller.train import routes as R
@@ -321,6 +322,12 @@ def is_on_policy_step(lmbda: float, seed: int, step: int) -> bool:
     return bool(np.random.default_rng([seed, step, 0x6B]).random() < lmbda)
 
 
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """The RNG seed of ``step`` (dropout) on ``rank``: rank 0 keeps the one-process seed."""
+    base = seed * 1_000_003 + step
+    return base if rank == 0 else int(np.random.default_rng([base, rank]).integers(2**31))
+
+
 def student_samples(
     model: nn.Module,
     tokenizer: Any,
@@ -360,8 +367,16 @@ def train(
     progress: bool = True,
     runtime: TrainRuntime | None = None,
 ) -> TrainResult:
-    """Train the spec's student on ``dataset_dir`` (from ``prepare``) into ``out_dir``."""
+    """Train the spec's student on ``dataset_dir`` (from ``prepare``) into ``out_dir``.
+
+    Under ``mlx.launch`` every rank runs this with the same arguments: each trains on its slice
+    of every batch, all hold the same weights, and rank 0 alone writes ``out_dir`` and logs
+    (``distiller.train.distributed``).
+    """
     runtime = runtime or TrainRuntime()
+    group = D.world()
+    main = D.is_main(group)
+    progress = progress and main
     student, t = spec.student, spec.student.train
     route = student.route
     if route not in ROUTES:  # the parser refuses it; a spec built in code may not have been parsed
@@ -380,11 +395,16 @@ def train(
             f"{out_dir}: holds a checkpoint of a different run (training settings or data "
             "changed); use another output dir, or --no-resume to start over"
         )
+    D.check_batch_size(t.batch_size, group, "student.train")
+    # Every rank must train on the same data from the same checkpoint.
+    resume_step = str(previous["step"]) if previous is not None else "none"
+    D.check_same([run_key, resume_step], "dataset or checkpoint", group)
     # From here until the run ends the adapter is in the making: train_result.json says done.
-    (out_dir / C.RESULT_FILE).unlink(missing_ok=True)
+    if main:
+        (out_dir / C.RESULT_FILE).unlink(missing_ok=True)
 
     mx.random.seed(t.seed)
-    base, kept = _prepare_student(spec, out_dir)
+    base, kept = D.main_first(lambda: _prepare_student(spec, out_dir), group)
     if route == "dpo" and _dpo(student).pairs == "on_policy":
         from distiller.pairs import policy_of
 
@@ -423,8 +443,11 @@ def train(
     cached = route == "logit-kd" and _kd(student).cache is not None
     train_cache = valid_cache = None
     if cached:
-        train_cache, valid_cache = _teacher_cache(
-            spec, model, tokenizer, dataset_dir, [train_data, valid_data], progress
+        train_cache, valid_cache = D.main_first(
+            lambda: _teacher_cache(
+                spec, model, tokenizer, dataset_dir, [train_data, valid_data], progress
+            ),
+            group,
         )
 
     def make_batch(
@@ -462,7 +485,7 @@ def train(
         bad_evals, stopped = state.get("bad_evals", 0), state.get("stopped", False)
         on_policy = dict(state.get("on_policy", on_policy))
         rows = [r for r in state.get("metrics", []) if r["step"] <= step]
-    elif not resume and C.ckpt_dir(out_dir).exists():
+    elif not resume and main and C.ckpt_dir(out_dir).exists():
         for f in C.ckpt_dir(out_dir).iterdir():
             f.unlink()
 
@@ -476,7 +499,12 @@ def train(
         split=B.split_pairs
         if route == "dpo"
         else (LC.split_cached_rows(train_cache) if train_cache is not None else B.split_rows),
+        group=group,
     )
+
+    def save_checkpoint() -> None:
+        if main:
+            C.save_checkpoint(out_dir, step, model, optimizer, checkpoint_extra())
 
     def checkpoint_extra() -> dict[str, Any]:
         return {
@@ -506,14 +534,15 @@ def train(
     with C.StopFlag() as flag:
         try:
             while step < total_steps and not stopped:
-                idx = B.batch_for_step(groups, step, t.seed)
+                # This rank's slice of the step's global batch (all of it on one rank).
+                idx, counted = D.shard(B.batch_for_step(groups, step, t.seed), group)
                 if route == "gkd" and is_on_policy_step(_kd(student).lmbda, t.seed, step):
                     examples, generated = student_samples(
                         model, tokenizer, [train_data[i] for i in idx], _kd(student), t, step
                     )
                     batch = B.collate(examples)
                     on_policy["steps"] += 1
-                    on_policy["generated_tokens"] += generated
+                    on_policy["generated_tokens"] += int(D.total(generated, group))
                 else:
                     batch = make_batch(idx, train_data, ref_train, train_cache)
                 # dpo: a reported step's batch is also scored for its rewards, before its update
@@ -525,17 +554,18 @@ def train(
                     or (val_batches and (step + 1) % t.steps_per_eval == 0)
                 ):
                     train_stats = _preference_stats(model, [batch], dpo_beta)
-                # Dropout randomness is a function of (seed, step), so a resumed run draws
-                # exactly what an uninterrupted one would (MLX cannot restore a saved key).
-                mx.random.seed(t.seed * 1_000_003 + step)
+                # Dropout randomness is a function of (seed, step, rank), so a resumed run
+                # draws exactly what an uninterrupted one would (MLX cannot restore a saved
+                # key), and ranks draw different masks for their different rows.
+                mx.random.seed(step_seed(t.seed, step, group.rank()))
                 tic = time.perf_counter()
-                loss = step_fn(batch)
+                loss = step_fn(batch, counted=counted)
                 window_time += time.perf_counter() - tic
                 step += 1
                 last_loss = loss.item()
                 window_loss += last_loss
                 window_steps += 1
-                window_toks += B.token_count(batch)
+                window_toks += B.token_count(batch) if counted else 0  # summed at a report
                 do_eval = bool(val_batches) and (
                     step % t.steps_per_eval == 0 or step == total_steps
                 )
@@ -545,7 +575,7 @@ def train(
                         "train_loss": window_loss / window_steps,
                         "val_loss": None,
                         "lr": float(optimizer.learning_rate.item()),
-                        "tokens_per_s": window_toks / max(window_time, 1e-9),
+                        "tokens_per_s": D.total(window_toks, group) / max(window_time, 1e-9),
                         "peak_memory_gb": mx.get_peak_memory() / 1e9,
                         "elapsed_s": time.perf_counter() - t_start,
                     }
@@ -555,7 +585,7 @@ def train(
                     if train_stats is not None:
                         row.update({f"train_{k}": v for k, v in train_stats.items()})
                     if do_eval:
-                        val = ST.evaluate(model, loss_fn, val_batches)
+                        val = ST.evaluate(model, loss_fn, val_batches, group)
                         row["val_loss"] = val
                         if dpo_beta is not None:
                             stats = _preference_stats(model, val_batches, dpo_beta)
@@ -563,7 +593,7 @@ def train(
                         # Only a strict improvement is a new best: ties keep the earlier one.
                         if best is None or val < best:
                             best, best_step, bad_evals = val, step, 0
-                            if t.keep == "best":
+                            if t.keep == "best" and main:
                                 LR.save_adapter(out_dir, model, adapter_cfg)
                         else:
                             bad_evals += 1
@@ -571,7 +601,8 @@ def train(
                             if patience is not None and bad_evals >= patience:
                                 stopped = True
                     rows.append(row)
-                    C.write_metrics(out_dir, rows)
+                    if main:
+                        C.write_metrics(out_dir, rows)
                     bar.set_postfix(
                         loss=f"{row['train_loss']:.3f}",
                         tok_s=f"{row['tokens_per_s']:.0f}",
@@ -580,17 +611,19 @@ def train(
                     window_loss, window_steps, window_toks, window_time = 0.0, 0, 0, 0.0
                 bar.update(1)
                 if step % t.checkpoint_every == 0 or stopped:
-                    C.save_checkpoint(out_dir, step, model, optimizer, checkpoint_extra())
-                if flag.set:
-                    C.save_checkpoint(out_dir, step, model, optimizer, checkpoint_extra())
+                    save_checkpoint()
+                # Ctrl-C reaches the ranks at different steps: all stop at the same one.
+                if D.any_rank(flag.set, group):
+                    save_checkpoint()
                     raise KeyboardInterrupt
         finally:
             bar.close()
 
-    C.save_checkpoint(out_dir, step, model, optimizer, checkpoint_extra())
-    if best is None or t.keep == "last":  # (without validation data the last is all there is)
+    save_checkpoint()
+    if main and (best is None or t.keep == "last"):  # (without validation data: the last)
         LR.save_adapter(out_dir, model, adapter_cfg)
-    C.write_metrics(out_dir, rows)
+    if main:
+        C.write_metrics(out_dir, rows)
     result = TrainResult(
         adapter_dir=str(out_dir),
         base_model=base,
@@ -608,6 +641,7 @@ def train(
     )
     summary = {k: v for k, v in asdict(result).items() if k != "metrics"}
     summary["settings"] = canonical(settings)
-    summary["runtime"] = asdict(runtime)
-    atomic_write(out_dir / C.RESULT_FILE, json.dumps(summary, indent=2) + "\n")
+    summary["runtime"] = {**asdict(runtime), "ranks": group.size()}
+    if main:
+        atomic_write(out_dir / C.RESULT_FILE, json.dumps(summary, indent=2) + "\n")
     return result
