@@ -9,7 +9,8 @@ holds an exclusive ``flock`` (released by the OS even on SIGKILL).
 Record fields (written by ``distiller.teacher``): id, prompt_id, prompt (bare user text),
 sample_index, messages (what the teacher saw), completion, accepted, reasons, score, verdict,
 teacher (identity, no secrets; ``teacher["config"]`` hashes identity + scaffold + decoding),
-tokens {prompt, completion}, finish_reason, created.
+tokens {prompt, completion}, finish_reason, created; and endpoint (the server that answered)
+for a teacher behind HTTP endpoints.
 """
 
 from __future__ import annotations

@@ -260,6 +260,8 @@ def run_teacher(
             "tokens": {"prompt": c.prompt_tokens, "completion": c.completion_tokens},
             "finish_reason": c.finish_reason,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            # The server that answered, for a teacher of several (none for a local model).
+            **({"endpoint": c.extra["endpoint"]} if "endpoint" in c.extra else {}),
         }
 
     def pending() -> list[tuple[str, int]]:
@@ -338,21 +340,19 @@ def run_teacher(
                     )
     except KeyboardInterrupt:
         summary.interrupted = True
-        _finish(
-            summary, store, states, start, bar, backend if own_backend else None, t.keep, budget
-        )
+        _finish(summary, store, states, start, bar, backend, own_backend, t.keep, budget)
         raise TeacherInterrupted(summary) from None
     except BaseException:
-        _finish(
-            summary, store, states, start, bar, backend if own_backend else None, t.keep, budget
-        )
+        _finish(summary, store, states, start, bar, backend, own_backend, t.keep, budget)
         raise
-    _finish(summary, store, states, start, bar, backend if own_backend else None, t.keep, budget)
+    _finish(summary, store, states, start, bar, backend, own_backend, t.keep, budget)
     return summary
 
 
-def _finish(summary, store, states, start, bar, backend, keep, budget) -> None:
+def _finish(summary, store, states, start, bar, backend, own_backend, keep, budget) -> None:
     summary.elapsed_s = time.perf_counter() - start
+    # Servers that failed on the way (a teacher of several endpoints): the summary says which.
+    summary.notes += getattr(backend, "notes", list)()
     kept = store.kept(keep, config=summary.config)
     summary.prompts_kept = sum(1 for pid in states if pid in kept)
     summary.prompts_exhausted = sum(
@@ -362,7 +362,7 @@ def _finish(summary, store, states, start, bar, backend, keep, budget) -> None:
     store.close()
     if bar is not None:
         bar.close()
-    if backend is not None:
+    if own_backend:
         backend.close()
 
 

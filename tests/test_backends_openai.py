@@ -15,6 +15,7 @@ from distiller.backends import BackendError, CompletionRequest, make_backend
 from distiller.backends.openai_compat import OpenAICompatBackend, chat_url, parse_retry_after
 from distiller.decoding import Decoding
 from distiller.errors import UserError
+from distiller.spec import EndpointSpec
 
 SECRET = "sk-test-Zq8vN3-very-secret-value"
 
@@ -104,9 +105,10 @@ def test_429_honours_retry_after_seconds():
 
 def test_429_honours_retry_after_http_date():
     with FakeOpenAI() as srv:
-        # an HTTP date has 1 s resolution: 2 s ahead means a wait of more than 1 s
+        # an HTTP date has 1 s resolution: 3 s ahead means a wait of more than 2 s, so the
+        # request may reach the server up to 1 s late (a loaded machine) and still wait >= 1 s
         srv.push(
-            {"status": 429, "retry_after": email.utils.formatdate(time.time() + 2, usegmt=True)}
+            {"status": 429, "retry_after": email.utils.formatdate(time.time() + 3, usegmt=True)}
         )
         be = _backend(srv, max_concurrency=1)
         (c,) = be.complete([_req("x")])
@@ -206,13 +208,8 @@ def test_missing_key_env_is_a_user_error(monkeypatch):
 
 
 def test_make_backend_from_spec():
-    endpoint = SimpleNamespace(
-        url="http://127.0.0.1:9/v1",
-        model="big",
-        api_key_env=None,
-        timeout_s=3,
-        max_concurrency=2,
-        max_retries=1,
+    endpoint = EndpointSpec(
+        urls=("http://127.0.0.1:9/v1",), model="big", timeout_s=3, max_concurrency=2, max_retries=1
     )
     be = make_backend(SimpleNamespace(model=None, endpoint=endpoint, batch_size=8))
     assert isinstance(be, OpenAICompatBackend)

@@ -1,10 +1,13 @@
-"""A teacher behind any OpenAI-compatible ``/v1/chat/completions`` endpoint.
+"""A teacher behind OpenAI-compatible ``/v1/chat/completions`` endpoints: one server, or several
+replicas of one model (a vLLM fleet).
 
-Works with vLLM, llama.cpp server, Ollama, mlx_lm.server and hosted APIs. Requests run on a
-bounded thread pool (``max_concurrency`` in flight at most). 429, 5xx, timeouts and connection
-errors are retried with exponential backoff and full jitter; a ``Retry-After`` header (seconds
-or an HTTP date) sets the minimum wait. The API key is read from the environment variable the
-spec names, sent only in the Authorization header, and scrubbed from every error message.
+Works with vLLM, llama.cpp server, Ollama, mlx_lm.server and hosted APIs. Each server has at
+most ``max_concurrency`` requests in flight; ``distiller.backends.pool`` decides which server
+an attempt goes to and takes failing ones out of the rotation. 429, 5xx, timeouts and
+connection errors are retried, on another server first; a retry on a server already tried
+waits an exponential backoff with full jitter, and a ``Retry-After`` header (seconds or an HTTP
+date) sets the minimum wait. The API key is read from the environment variable the spec names,
+sent only in the Authorization header, and scrubbed from every error message.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any
 import httpx
 
 from distiller.backends import BackendError, Completion, CompletionRequest
+from distiller.backends import pool as P
 from distiller.errors import UserError
 from distiller.spec import EndpointSpec
 
@@ -67,7 +71,7 @@ class OpenAICompatBackend:
 
     def __init__(
         self,
-        url: str,
+        url: str | list[str] | tuple[str, ...],
         model: str,
         api_key_env: str | None = None,
         timeout_s: float = EndpointSpec.timeout_s,
@@ -77,12 +81,17 @@ class OpenAICompatBackend:
         backoff_max_s: float = 30.0,
         max_retry_after_s: float = 300.0,
         rng: random.Random | None = None,
+        cooldown_s: float = EndpointSpec.cooldown_s,
     ):
         if max_concurrency < 1:
             raise UserError(f"teacher.endpoint.max_concurrency must be >= 1, got {max_concurrency}")
         if max_retries < 0:
             raise UserError(f"teacher.endpoint.max_retries must be >= 0, got {max_retries}")
-        self.url = chat_url(url)
+        urls = [url] if isinstance(url, str) else list(url)
+        if not urls:
+            raise UserError("teacher.endpoint.urls: expected at least one URL")
+        self.urls = [chat_url(u) for u in urls]
+        self.url = self.urls[0]
         self.model = model
         self.api_key_env = api_key_env
         self.timeout_s = float(timeout_s)
@@ -102,18 +111,32 @@ class OpenAICompatBackend:
                 )
             self._key = key
         self._stop = threading.Event()  # set on close/interrupt: cut backoff sleeps short
-        self._client = httpx.Client(timeout=httpx.Timeout(self.timeout_s))
-        self.retries = 0  # total retries made (observability, tests)
+        self.pool = P.EndpointPool(self.urls, self.max_concurrency, cooldown_s=cooldown_s)
+        n = self.pool.capacity  # httpx's own connection limit must not be the bottleneck
+        self._client = httpx.Client(
+            timeout=httpx.Timeout(self.timeout_s),
+            limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
+        )
+        self.retries = 0  # attempts after a request's first, failovers included (tests)
 
     # -- identity / hygiene ----------------------------------------------------------------
 
     def fingerprint(self) -> dict:
+        if len(self.urls) > 1:
+            # Replicas of one model: the samples are the model's, whichever replica answered,
+            # so adding or dropping a server keeps a run resuming.
+            return {"backend": "openai_compat", "model": self.model}
         return {"backend": "openai_compat", "url": self.url, "model": self.model}
+
+    def notes(self) -> list[str]:
+        """A line per server that failed during this backend's life (for run summaries)."""
+        return [self._redact(n) for n in self.pool.notes()]
 
     def __repr__(self) -> str:
         # Never show the key; only say where it comes from.
+        where = f"url={self.url!r}" if len(self.urls) == 1 else f"urls={self.urls!r}"
         return (
-            f"OpenAICompatBackend(url={self.url!r}, model={self.model!r}, "
+            f"OpenAICompatBackend({where}, model={self.model!r}, "
             f"api_key_env={self.api_key_env!r}, max_concurrency={self.max_concurrency})"
         )
 
@@ -124,6 +147,7 @@ class OpenAICompatBackend:
 
     def close(self) -> None:
         self._stop.set()
+        self.pool.wake()
         self._client.close()
 
     # -- requests --------------------------------------------------------------------------
@@ -133,12 +157,13 @@ class OpenAICompatBackend:
         """The backend for a spec's ``teacher.endpoint`` (the spec holds the one set of
         defaults); ``kwargs`` set the retry pacing (tests)."""
         return cls(
-            url=endpoint.url,
+            url=list(endpoint.urls),
             model=endpoint.model,
             api_key_env=endpoint.api_key_env,
             timeout_s=endpoint.timeout_s,
             max_concurrency=endpoint.max_concurrency,
             max_retries=endpoint.max_retries,
+            cooldown_s=endpoint.cooldown_s,
             **kwargs,
         )
 
@@ -191,35 +216,67 @@ class OpenAICompatBackend:
         return headers
 
     def _one(self, req: CompletionRequest) -> Completion:
-        last_error = "no attempt made"
-        for attempt in range(self.max_retries + 1):
-            if self._stop.is_set():
-                return Completion(finish_reason="error", error="interrupted")
-            retry_after = None
+        tries: dict[str, int] = {}  # attempts this request made on each server
+        last: dict[str, str] = {}  # and the last error each gave it
+        waits: dict[str, float | None] = {}  # a server's Retry-After for this request
+        payload = self._payload(req)
+        while True:
             try:
-                resp = self._client.post(self.url, json=self._payload(req), headers=self._headers())
-            except httpx.TransportError as exc:  # connect/read errors and timeouts
-                kind = "timeout" if isinstance(exc, httpx.TimeoutException) else "connection error"
-                last_error = f"{kind}: {type(exc).__name__}: {exc}"
-            else:
-                if resp.status_code == 200:
-                    return self._parse(resp)
-                body = resp.text[:300].replace("\n", " ")
-                last_error = f"HTTP {resp.status_code}: {body}"
-                if resp.status_code in FATAL_STATUS:
-                    raise BackendError(self._redact(f"{self.url}: {last_error}"))
-                if resp.status_code not in RETRY_STATUS:
-                    return Completion(finish_reason="error", error=self._redact(last_error))
-                retry_after = parse_retry_after(resp.headers.get("retry-after"))
-            if attempt < self.max_retries:
+                server = self.pool.acquire(tries, self.max_retries + 1, self._stop)
+            except P.PoolStopped:
+                return Completion(finish_reason="error", error="interrupted")
+            except P.PoolExhausted as exc:
+                raise BackendError(self._redact(str(exc))) from None
+            if server is None:
+                return Completion(finish_reason="error", error=self._gave_up(tries, last))
+            url, n = server.url, tries.get(server.url, 0)
+            if sum(tries.values()):
                 self.retries += 1
-                if self._stop.wait(self._backoff(attempt, retry_after)):
-                    return Completion(finish_reason="error", error="interrupted")
-        return Completion(
-            finish_reason="error",
-            error=self._redact(
-                f"{self.url}: gave up after {self.max_retries + 1} attempts; last: {last_error}"
-            ),
+            # A retry on a server this request already tried backs off; a failover does not.
+            if n and self._stop.wait(self._backoff(n - 1, waits.get(url))):
+                self.pool.release(server, None)
+                return Completion(finish_reason="error", error="interrupted")
+            tries[url] = n + 1
+            outcome, error, retry_after, done = self._attempt(url, payload)
+            self.pool.release(server, outcome, error, retry_after)
+            if done is not None:
+                if done.ok:
+                    done.extra["endpoint"] = url
+                return done
+            last[url], waits[url] = error, retry_after
+
+    def _attempt(self, url: str, payload: dict) -> tuple[str, str, float | None, Completion | None]:
+        """One POST: (what it says about the server, error, Retry-After, the completion if
+        this request is finished: answered, or failed in a way no retry fixes)."""
+        try:
+            resp = self._client.post(url, json=payload, headers=self._headers())
+        except httpx.TransportError as exc:  # connect/read errors and timeouts
+            kind = "timeout" if isinstance(exc, httpx.TimeoutException) else "connection error"
+            error = self._redact(f"{kind}: {type(exc).__name__}: {exc}")
+            # Nothing listens (or the host is unreachable): no point in a second try soon.
+            dead = isinstance(exc, httpx.ConnectError)
+            return (P.UNREACHABLE if dead else P.FAILED), error, None, None
+        if resp.status_code == 200:
+            return P.OK, "", None, self._parse(resp)
+        body = resp.text[:300].replace("\n", " ")
+        error = self._redact(f"HTTP {resp.status_code}: {body}")
+        if resp.status_code in FATAL_STATUS:
+            return P.BROKEN, error, None, None
+        if resp.status_code not in RETRY_STATUS:
+            return P.OK, error, None, Completion(finish_reason="error", error=error)
+        retry_after = parse_retry_after(resp.headers.get("retry-after"))
+        # 429 and 409/425 say "later"; 408 and 5xx say the server is in trouble.
+        outcome = P.FAILED if resp.status_code == 408 or resp.status_code >= 500 else P.BUSY
+        return outcome, error, retry_after, None
+
+    def _gave_up(self, tries: dict[str, int], last: dict[str, str]) -> str:
+        if len(self.urls) == 1:
+            n = tries.get(self.url, 0)
+            return f"{self.url}: gave up after {n} attempts; last: {last.get(self.url)}"
+        where = "; ".join(f"{u}: {last[u]}" for u in self.urls if u in last)
+        return (
+            f"gave up after {sum(tries.values())} attempts on {len(tries)} of "
+            f"{len(self.urls)} servers; last errors: {where}"
         )
 
     def _parse(self, resp: httpx.Response) -> Completion:
@@ -248,14 +305,15 @@ class OpenAICompatBackend:
         requests: list[CompletionRequest],
         on_done: Callable[[int, Completion], object] | None = None,
     ) -> list[Completion]:
-        """Complete all requests, ``max_concurrency`` at a time; results in request order.
+        """Complete all requests, ``max_concurrency`` at a time per server; results in request
+        order, each successful one with ``extra["endpoint"]``, the server that answered it.
 
-        Raises ``BackendError`` for failures no retry can fix (401/403/404). On Ctrl-C the
-        pending requests are cancelled and in-flight ones are abandoned.
+        Raises ``BackendError`` when every server fails in a way no retry can fix (401/403/404).
+        On Ctrl-C the pending requests are cancelled and in-flight ones are abandoned.
         """
         if not requests:
             return []
-        pool = ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(requests)))
+        pool = ThreadPoolExecutor(max_workers=min(self.pool.capacity, len(requests)))
         futures = {pool.submit(self._one, r): i for i, r in enumerate(requests)}
         try:
             results: list[Completion | None] = [None] * len(requests)
@@ -267,6 +325,7 @@ class OpenAICompatBackend:
             return [c for c in results if c is not None]
         except BaseException:
             self._stop.set()  # wake sleeping retries so the workers exit promptly
+            self.pool.wake()
             for f in futures:
                 f.cancel()
             raise

@@ -50,7 +50,7 @@ def run_cli(args: argparse.Namespace) -> int:
         "prompt_sets": {k: len(v) for k, v in spec.eval.prompt_sets.items()},
         "teacher": spec.teacher.model
         or ("gold (the prompts' own answers)" if spec.teacher.gold else None)
-        or f"{spec.teacher.endpoint.model} @ {spec.teacher.endpoint.url}",
+        or f"{spec.teacher.endpoint.model} @ {', '.join(spec.teacher.endpoint.urls)}",
         "few_shot": len(spec.teacher.few_shot),
         "validators": [v.type for v in spec.validators],
         "student": f"{spec.student.model} ({spec.student.route})",

@@ -34,14 +34,23 @@ TEACHER_DECODING = Decoding(temperature=0.7, seed=0)
 
 @dataclass(frozen=True)
 class EndpointSpec:
-    """An OpenAI-compatible chat completions server."""
+    """OpenAI-compatible chat completions servers: one (``url:``) or several replicas serving
+    the same model (``urls:``), each with its own ``max_concurrency`` requests in flight."""
 
-    url: str
+    urls: tuple[str, ...]  # at least one, no repeats, in the spec's order
     model: str
     api_key_env: str | None = None  # the NAME of the env var holding the key, never the key
     timeout_s: float = 120.0
-    max_concurrency: int = 4
-    max_retries: int = 3
+    max_concurrency: int = 4  # per server
+    max_retries: int = 3  # per request and server
+    # A server that stops answering is left out of the rotation this long before it is tried
+    # again (only while another one answers).
+    cooldown_s: float = 30.0
+
+    @property
+    def url(self) -> str:
+        """The first server (the one a single-server consumer, such as the logit cache, uses)."""
+        return self.urls[0]
 
 
 @dataclass(frozen=True)

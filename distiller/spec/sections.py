@@ -64,7 +64,8 @@ _TEACHER = (
     "gold",
 )  # fmt: skip
 _ENDPOINT = (
-    "url", "model", "api_key_env", "api_key", "timeout_s", "max_concurrency", "max_retries",
+    "url", "urls", "model", "api_key_env", "api_key", "timeout_s", "max_concurrency",
+    "max_retries", "cooldown_s",
 )  # fmt: skip
 _DECODING = (
     "temperature", "top_p", "max_tokens", "seed", "no_repeat_ngram", "repetition_penalty", "stop",
@@ -143,22 +144,63 @@ def _endpoint(e: Map) -> EndpointSpec:
             "api_key",
             "not a key in a spec file: put the NAME of an environment variable in api_key_env",
         )
-    url = e.str("url")
-    if not re.match(r"^https?://", url):
-        raise e.err("url", f"an http:// or https:// URL, got {url!r}")
+    urls = _endpoint_urls(e)
     env = e.raw("api_key_env")
     if env is not None and (
         not isinstance(env, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", env)
     ):
         raise e.err("api_key_env", f"an environment variable name like OPENAI_API_KEY, got {env!r}")
     return EndpointSpec(
-        url=url,
+        urls=urls,
         model=e.str("model"),
         api_key_env=env,
         timeout_s=e.float("timeout_s", 120.0, lo=0, lo_open=True),
         max_concurrency=e.int("max_concurrency", 4, lo=1),
         max_retries=e.int("max_retries", 3, lo=0),
+        cooldown_s=e.float("cooldown_s", EndpointSpec.cooldown_s, lo=0),
     )
+
+
+def _endpoint_urls(e: Map) -> tuple[str, ...]:
+    """``url: U`` (one server) or ``urls: [U, ...]`` (replicas of one model), each checked."""
+    from distiller.backends.openai_compat import chat_url
+
+    if e.has("url") and e.has("urls"):
+        raise e.err("urls", "either 'url' (one server) or 'urls' (a list of them), not both")
+    if not e.has("urls"):
+        if not e.has("url"):
+            raise e.err("url", "required: one server's URL, or 'urls': a list of them")
+        return (_http_url(e, "url", e.str("url")),)
+    raw = e.raw("urls")
+    if not isinstance(raw, list) or not raw:
+        raise e.err("urls", f"a non-empty list of http:// or https:// URLs, got {describe(raw)}")
+    urls: list[str] = []
+    seen: dict[str, int] = {}
+    for i, u in enumerate(raw):
+        url = _http_url(e, f"urls[{i}]", u)
+        same = seen.setdefault(chat_url(url), i)
+        if same != i:
+            raise e.err(f"urls[{i}]", f"a server not listed before (it is urls[{same}])")
+        urls.append(url)
+    return tuple(urls)
+
+
+def _http_url(e: Map, key: str, value: Any) -> str:
+    """``value`` if it is an http(s) URL with a host (and a valid port), else an error at ``key``."""
+    from urllib.parse import urlsplit
+
+    expected = "an http:// or https:// URL with a host, like http://10.0.0.5:8000/v1"
+    if not isinstance(value, str) or not value.strip():
+        raise e.err(key, f"{expected}, got {describe(value)}")
+    value = value.strip()
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number in range
+    except ValueError:
+        raise e.err(key, f"{expected}, got {_clip(value)}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or re.search(r"\s", value):
+        raise e.err(key, f"{expected}, got {_clip(value)}")
+    return value
 
 
 def _teacher_decoding(d: Map) -> Decoding:
