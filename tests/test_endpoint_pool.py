@@ -335,3 +335,16 @@ def test_any_url_is_accepted_as_a_host_url_or_refused_naming_it(tmp_path, value)
     parts = urlsplit(url)
     assert parts.scheme in ("http", "https") and parts.hostname
     assert chat_url(url).endswith("/chat/completions")
+
+
+def test_the_readme_fleet_block_is_a_valid_teacher(tmp_path):
+    import re
+
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("### A teacher on several servers") :]
+    block = re.search(r"^```yaml\n(.*?)^```$", section, re.M | re.S).group(1)
+    path = tmp_path / "fleet.yaml"
+    path.write_text("prompts: [a]\nstudent: {model: s}\n" + block)
+    ep = load_spec(path).teacher.endpoint
+    assert len(ep.urls) == 2 and ep.url == ep.urls[0]
+    assert (ep.max_concurrency, ep.max_retries, ep.timeout_s, ep.cooldown_s) == (4, 3, 120, 30)
