@@ -668,10 +668,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from distiller.spec import load_spec
+    from distiller.pipeline import load_task
 
     info = prepare_dataset(
-        load_spec(args.spec), args.samples, args.out, threshold=args.threshold, on_leak=args.on_leak
+        load_task(args.spec), args.samples, args.out, threshold=args.threshold, on_leak=args.on_leak
     )
     moved = len({lk.other_id for lk in info.leaks})
     print(

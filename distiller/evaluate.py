@@ -668,9 +668,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from distiller.spec import load_spec
+    from distiller.pipeline import load_task
 
-    spec = load_spec(args.task)
+    spec = load_task(args.task)
     decoding = decoding_from_args(args, spec.eval.decoding)
     if decoding != spec.eval.decoding:
         spec = replace(spec, eval=replace(spec.eval, decoding=decoding))

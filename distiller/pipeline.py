@@ -100,6 +100,9 @@ def _build_and_record(
 
 def _teacher_key(spec: TaskSpec) -> dict:
     teacher = asdict(spec.teacher)
+    # A teacher task is its fused model, fingerprinted below (and keys made before the field
+    # existed stay valid).
+    teacher.pop("task")
     if spec.teacher.model:
         teacher["model"] = model_fingerprint(spec.teacher.model)
     return {
@@ -169,7 +172,7 @@ def train_stage(spec: TaskSpec, run_dir: Path, dataset: StageResult) -> StageRes
     student.pop("quantize", None)  # quantization happens at fuse time
     student["model"] = model_fingerprint(spec.student.model)
     key = {"stage": "train", "dataset": dataset.key, "student": student}
-    if spec.student.route == "logit-kd":
+    if spec.student.route in ("logit-kd", "gkd") or spec.student.drop_layers is not None:
         key["teacher_model"] = model_fingerprint(spec.teacher.model or "")
     return run_stage("train", run_dir / "train", key, build, resumable=True)
 
@@ -192,14 +195,54 @@ def fuse_stage(spec: TaskSpec, run_dir: Path, trained: StageResult) -> StageResu
     return run_stage("fuse", run_dir / "fuse", key, build)
 
 
+def with_teacher_task(spec: TaskSpec, runs_root: Path, limit: int | None = None) -> TaskSpec:
+    """``spec`` with its ``teacher.task`` built: that spec is distilled first (into
+    ``runs_root/<its name>``, each stage reused when unchanged) and its fused student becomes
+    the teacher model, and the student's model where the spec left it to the teacher's."""
+    if spec.teacher.task is None:
+        return spec
+    teacher_spec = load_spec(spec.teacher.task)
+    model = str(distill(teacher_spec, runs_root / teacher_spec.name, limit).student_dir)
+    return replace(
+        spec,
+        teacher=replace(spec.teacher, model=model),
+        student=replace(spec.student, model=spec.student.model or model),
+    )
+
+
 def distill(spec: TaskSpec, run_dir: Path, limit: int | None = None) -> RunResult:
-    """Spec -> fused student: every build stage, each reused when unchanged."""
+    """Spec -> fused student: every build stage, each reused when unchanged (and, first, the
+    teacher's own task when the teacher is another spec's student)."""
+    spec = with_teacher_task(spec, run_dir.parent, limit)
     stages: dict[str, StageResult] = {}
     stages["teacher"] = teacher_stage(spec, run_dir, limit)
     stages["dataset"] = dataset_stage(spec, run_dir, stages["teacher"])
     stages["train"] = train_stage(spec, run_dir, stages["dataset"])
     stages["fuse"] = fuse_stage(spec, run_dir, stages["train"])
     return RunResult(spec, run_dir, stages)
+
+
+def vanilla_model(spec: TaskSpec, run_dir: Path) -> str:
+    """The student before training: the spec's student model or, for a layer-dropped student,
+    the teacher with those layers dropped (built once into ``run_dir/vanilla``)."""
+    drop = spec.student.drop_layers
+    if drop is None:
+        return spec.student.model
+    from distiller.models import resolve_model
+    from distiller.train import students as S
+
+    teacher_dir = resolve_model(spec.teacher.model)
+    out = run_dir / "vanilla"
+    if S.cached_kept_layers(out) != S.kept_layers(S.layer_count(teacher_dir), drop):
+        S.make_dropped_student(teacher_dir, out, drop)
+    return str(out)
+
+
+def load_task(path: str | Path) -> TaskSpec:
+    """``load_spec`` for the stage commands: a ``teacher.task`` is built first (into the
+    default runs directory), so every stage sees the teacher model it names."""
+    spec = load_spec(path)
+    return with_teacher_task(spec, default_run_dir(spec).parent)
 
 
 def default_run_dir(spec: TaskSpec) -> Path:
@@ -223,7 +266,8 @@ def contenders(spec: TaskSpec, run: RunResult | None) -> list[Contender]:
     if spec.teacher.model:  # an endpoint teacher is not evaluated locally
         found.append(Contender("teacher", spec.teacher.model, "scaffold"))
     style = spec.student.prompt_style
-    found.append(Contender("vanilla", spec.student.model, style))
+    run_dir = run.run_dir if run is not None else default_run_dir(spec)
+    found.append(Contender("vanilla", vanilla_model(spec, run_dir), style))
     if run is not None:
         found.append(Contender("distilled", str(run.student_dir), style))
     return found
@@ -240,10 +284,11 @@ def compare(
     limit: int | None = None,
     latency_prompts: int = 1,
     sets: list[str] | None = None,
-) -> tuple[list, dict[str, dict]]:
+) -> tuple[list, dict[tuple[str, str], dict], dict[tuple[str, str, str], dict]]:
     """Evaluate every contender on every prompt set (cached in the run dir by input hash).
 
-    Returns (EvalResults, single-stream latency per (task, contender name)). Latency is one
+    Returns (EvalResults, single-stream latency per (task, contender name), agreement with the
+    teacher per (task, prompt set, contender name) when the teacher is a local model). Latency is one
     whole answer per model after a warm-up by default, decoded as the evaluation decodes; the
     throughput benchmarks in ``evals/`` time more rounds.
     """
@@ -254,9 +299,10 @@ def compare(
     cache = run_dir / "eval"
     sets = dict(resolve_prompts(spec, which) for which in sets or prompt_sets(spec))
     sets = {name: prompts for name, prompts in sets.items() if prompts}
-    results, latency = [], {}
+    results, latency, agreement = [], {}, {}
     if not sets:
-        return results, latency
+        return results, latency, agreement
+    teacher: tuple[tuple, dict] | None = None  # (loaded, its evaluations), once evaluated
     for who in contenders(spec, run):
         loaded = load_model(who.model)
         # Every prompt set in one batched pass: fuller batches decode much faster on a CPU.
@@ -264,6 +310,13 @@ def compare(
             who.model, spec, sets, cache, style=who.style, limit=limit, name=who.name, loaded=loaded
         )
         results.extend(together.values())
+        if who.name == "teacher":
+            teacher = (loaded, together)
+        elif teacher is not None:
+            for set_name, result in together.items():
+                agreement[(spec.name, set_name, who.name)] = _agreement(
+                    spec, sets[set_name], result, who, loaded, *teacher, cache
+                )
         if latency_prompts:
             first = next(iter(together.values()))
             latency[(spec.name, who.name)] = _latency(
@@ -274,7 +327,31 @@ def compare(
                 loaded,
                 latency_prompts,
             )
-    return results, latency
+    return results, latency, agreement
+
+
+def _agreement(
+    spec: TaskSpec,
+    prompts: list[Prompt],
+    result: Any,
+    who: Contender,
+    loaded: tuple,
+    teacher_loaded: tuple,
+    teacher_results: dict,
+    cache: Path,
+) -> dict:
+    """Agreement of ``who`` with the teacher on the teacher's answers (cached with the pair of
+    evaluations it comes from)."""
+    from distiller.agreement import agreement_with_teacher, cached_teacher_agreement
+
+    teacher_result = teacher_results[result.prompt_set]
+    return cached_teacher_agreement(
+        cache,
+        ["agreement", result.key, teacher_result.key],
+        lambda: agreement_with_teacher(
+            spec, prompts, teacher_result.records, loaded, teacher_loaded, who.style
+        ),
+    )
 
 
 def _latency(
@@ -298,8 +375,10 @@ def compare_and_report(run: RunResult, limit: int | None = None) -> int:
     """Evaluate teacher, vanilla and distilled student; print and write the comparison report."""
     from distiller.report import build_report, write_reports
 
-    results, latency = compare(run.spec, run, limit=limit)
-    doc, markdown = build_report(results, latency, extra={"run_dir": str(run.run_dir)})
+    results, latency, agreement = compare(run.spec, run, limit=limit)
+    doc, markdown = build_report(
+        results, latency, extra={"run_dir": str(run.run_dir)}, agreement=agreement
+    )
     out = write_reports(doc, markdown, run.run_dir / "report")
     print(markdown.split("## Sample outputs")[0])
     print(f"report: {out / 'latest.md'}")

@@ -173,6 +173,68 @@ def comparison_frame(summaries: Sequence[dict[str, Any]], reference: str = "vani
     return frame.dropna(axis=1, how="all") if len(frame) else frame
 
 
+def retention(model: dict[str, Any], teacher: dict[str, Any]) -> dict[str, float]:
+    """The model's figures as a share of the teacher's on the same prompts: ``format_rate``
+    and each task metric both have (where the teacher's is above 0)."""
+    out = {}
+    if model["format"]["n"] and teacher["format"]["n"] and teacher["format"]["value"] > 0:
+        out["format_rate"] = model["format"]["value"] / teacher["format"]["value"]
+    for name, value in teacher["task_metrics"].items():
+        mine = model["task_metrics"].get(name)
+        if isinstance(mine, (int, float)) and isinstance(value, (int, float)) and value > 0:
+            out[name] = mine / value
+    return out
+
+
+def _ratio(a: Any, b: Any) -> float | None:
+    return None if not a or not b else float(a) / float(b)
+
+
+def compression_rows(summaries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (task, prompt set) with a teacher row, each other model against the teacher: what
+    it keeps (retention, agreement) and what it saves (speed-ups, size, memory)."""
+    teachers = {(s["task"], s["prompt_set"]): s for s in summaries if s["model"] == "teacher"}
+    rows = []
+    for s in sorted(summaries, key=_row_order):
+        t = teachers.get((s["task"], s["prompt_set"]))
+        if t is None or s is t:
+            continue
+        lat, t_lat = s.get("latency") or {}, t.get("latency") or {}
+        kept = retention(s, t)
+        headline = main_task_metric(t["task_metrics"])
+        agree = s.get("agreement") or {}
+        rows.append(
+            {
+                "task": s["task"],
+                "prompts": f"{s['prompt_set']} (n={s['n']})",
+                "model": s["model"],
+                "retention (format)": _num(kept.get("format_rate"), 2),
+                "retention (task)": (
+                    f"{headline[0]} {kept[headline[0]]:.2f}"
+                    if headline and headline[0] in kept
+                    else None
+                ),
+                "decode speed-up": _num(_ratio(lat.get("decode_tps"), t_lat.get("decode_tps")), 2),
+                "prefill speed-up": _num(
+                    _ratio(lat.get("prefill_tps"), t_lat.get("prefill_tps")), 2
+                ),
+                "latency speed-up": _num(
+                    _ratio(t_lat.get("ms_per_sample"), lat.get("ms_per_sample")), 2
+                ),
+                "params ratio": _num(_ratio(s.get("params"), t.get("params")), 2),
+                "disk ratio": _num(_ratio(s.get("disk_mb"), t.get("disk_mb")), 2),
+                "peak memory ratio": _num(
+                    _ratio(s.get("peak_memory_mb"), t.get("peak_memory_mb")), 2
+                ),
+                "top-1 agreement": _num(agree.get("top1_agreement"), 3),
+                "KL to teacher": _num(agree.get("kl_to_teacher"), 3),
+                "perplexity": _num(agree.get("student_perplexity"), 2),
+                "teacher perplexity": _num(agree.get("teacher_perplexity"), 2),
+            }
+        )
+    return rows
+
+
 def frame_markdown(frame: Any) -> str:
     from tabulate import tabulate
 
@@ -301,17 +363,25 @@ def build_report(
     extra: dict[str, Any] | None = None,
     reference: str = "vanilla",
     samples: int = 3,
+    agreement: Mapping[tuple[str, str, str], dict[str, Any]] | None = None,
 ) -> tuple[dict[str, Any], str]:
     """(JSON document, Markdown text) for a set of evaluations; ``latency`` as in
-    ``result_latency``."""
-    latency = latency or {}
+    ``result_latency``; ``agreement`` with the teacher per (task, prompt set, model)
+    (``distiller.agreement``)."""
+    latency, agreement = latency or {}, agreement or {}
     summaries = [summarize(r, result_latency(latency, r.task, r.model)) for r in results]
+    for s in summaries:
+        found = agreement.get((s["task"], s["prompt_set"], s["model"]))
+        if found is not None:
+            s["agreement"] = dict(found)
     frame = comparison_frame(summaries, reference)
+    compression = compression_rows(summaries)
     created = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     doc = {
         "created": created,
         "commit": _git_commit(Path.cwd()),
         "entries": {entry_key(s["task"], s["prompt_set"], s["model"]): s for s in summaries},
+        "compression": compression,
         "extra": extra or {},
     }
     md = [f"# distiller report ({created}, commit {doc['commit'] or 'unknown'})\n"]
@@ -322,6 +392,18 @@ def build_report(
         "Section columns: share of outputs with that section present once, in order, non-empty. "
         "Latency and decode tok/s: single stream; batch columns: batched greedy generation.\n"
     )
+    if compression:
+        import pandas as pd
+
+        md.append("## Against the teacher\n")
+        frame = pd.DataFrame(compression).dropna(axis=1, how="all")
+        md.append(frame_markdown(frame) + "\n")
+        md.append(
+            "Retention: the model's figure ÷ the teacher's on the same prompts. Speed-ups: the "
+            "teacher's single-stream time ÷ the model's (decode and prefill tok/s, whole-answer "
+            "latency), measured in the same run. Agreement, KL (nats per token, teacher ‖ model) "
+            "and perplexity: teacher-forced on the teacher's own answers to these prompts.\n"
+        )
     classes = classification_markdown(results)
     if classes:
         md.append("## Classification\n")

@@ -390,9 +390,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_cli(args: argparse.Namespace) -> int:
     from distiller.backends import BackendError
     from distiller.errors import UserError
-    from distiller.spec import load_spec
+    from distiller.pipeline import load_task
 
-    spec = load_spec(args.spec)
+    spec = load_task(args.spec)
     out = args.out or Path("runs") / spec.name / "teacher"
     try:
         summary = run_teacher(

@@ -23,6 +23,15 @@ import pytest
 from distiller.metrics import Rate, meets_threshold, paired_regression_test, regression_test
 from distiller.report import prompt_verdicts
 
+# eval.thresholds that are not a task metric of the student alone (evals/test_agreement.py):
+RETENTION_PREFIX = "retention_"  # retention_<figure>: the student's figure / the teacher's
+AGREEMENT_THRESHOLDS = ("top1_agreement", "kl_to_teacher")  # at least / at most
+
+
+def against_teacher(name: str) -> bool:
+    """Whether a threshold compares the student with its teacher."""
+    return name.startswith(RETENTION_PREFIX) or name in AGREEMENT_THRESHOLDS
+
 
 def where(result: Any) -> str:
     return f"model={result.model} task={result.task} prompts={result.prompt_set}"

@@ -18,7 +18,7 @@ Options (``pytest --help``, group "distiller")
     --distiller-models LIST      which of teacher,vanilla,distilled to evaluate (default all)
     --distiller-alpha A          one-sided level of the baseline regression test (default 0.05)
 
-Markers: structure, quality, throughput, memory, slow.
+Markers: structure, quality, agreement, throughput, memory, slow.
 
 Fixtures (session scope; artifacts cached on disk by a hash of what determines them)
     distiller              the ``DistillerSession``: specs, models, prompt sets, evaluations,
@@ -56,6 +56,7 @@ MARKERS = {
     "throughput": "prefill/decode/batched/training tok/s (pytest-benchmark)",
     "memory": "peak memory, parameter count and disk size of each model",
     "slow": "takes minutes on CPU (real model, pipeline builds)",
+    "agreement": "against the teacher: retention of its figures, top-1 agreement, KL",
 }
 DEFAULT_SPEC = "fixtures/tasks/structured_cot.yaml"
 DEFAULT_BASELINE = "reports/baseline.json"
@@ -290,7 +291,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     )
 
     latency = s.latency_figures()
-    s.report_doc, s.report_markdown = build_report(s.results, latency, s.extra)
+    s.report_doc, s.report_markdown = build_report(
+        s.results, latency, s.extra, agreement=s.agreements
+    )
     write_reports(s.report_doc, s.report_markdown, s.options.reports)
     if s.options.update_baseline:
         update_baseline(

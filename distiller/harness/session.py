@@ -91,6 +91,9 @@ class DistillerSession:
     _results: dict[EvalKey, Any] = field(default_factory=dict, repr=False)
     _single_stream: dict[LatencyKey, Any] = field(default_factory=dict, repr=False)
     _baseline: dict[str, dict] | None = field(default=None, repr=False)
+    _teacher_specs: dict[str, Any] = field(default_factory=dict, repr=False)
+    # (task, prompt set, model) -> agreement with the teacher, for the report
+    agreements: dict[tuple[str, str, str], dict] = field(default_factory=dict, repr=False)
 
     # -- specs and prompts
 
@@ -136,15 +139,30 @@ class DistillerSession:
             self._models[key] = self._make_model(spec, name)
         return self._models[key]
 
+    def _with_teacher(self, spec: Any) -> Any:
+        """The spec with a ``teacher.task`` built (its student is the teacher model)."""
+        from distiller.pipeline import with_teacher_task
+
+        if spec.name not in self._teacher_specs:
+            self._teacher_specs[spec.name] = with_teacher_task(
+                spec, self.options.out, limit=self.options.limit
+            )
+        return self._teacher_specs[spec.name]
+
     def _make_model(self, spec: Any, name: str) -> ModelUnderTest:
+        from distiller.pipeline import vanilla_model
+
         student_style = spec.student.prompt_style
+        if name in ("teacher", "vanilla"):
+            spec = self._with_teacher(spec)
         if name == "teacher":
             if not spec.teacher.model:
                 what = "the data's gold answers" if spec.teacher.gold else "a remote endpoint"
                 pytest.skip(f"{spec.name}: the teacher is {what}; nothing local to run")
             return ModelUnderTest("teacher", spec.teacher.model, "scaffold", spec.name)
         if name == "vanilla":
-            return ModelUnderTest("vanilla", spec.student.model, student_style, spec.name)
+            ref = vanilla_model(spec, self.run_dir(spec.name))
+            return ModelUnderTest("vanilla", ref, student_style, spec.name)
         if name == "distilled":
             if self.options.student is not None:
                 ref = self.options.student
@@ -196,6 +214,34 @@ class DistillerSession:
     @property
     def results(self) -> list[Any]:
         return list(self._results.values())
+
+    def agreement(self, model_name: str, prompt_set: str, task: str | None = None) -> dict:
+        """``model_name``'s agreement with the teacher (top-1, KL, perplexities:
+        ``distiller.agreement``) on the teacher's answers to ``prompt_set``; computed once per
+        pair of evaluations (cached on disk beside them) and kept for the report."""
+        from distiller.agreement import agreement_with_teacher, cached_teacher_agreement
+
+        spec = self.spec(task)
+        key = (spec.name, prompt_set, model_name)
+        if key not in self.agreements:
+            teacher_result = self.evaluate("teacher", prompt_set, spec.name)
+            result = self.evaluate(model_name, prompt_set, spec.name)
+            student, teacher = self.model(model_name, spec.name), self.model("teacher", spec.name)
+            prompts = self.prompt_sets(spec.name)[prompt_set]
+            self.agreements[key] = cached_teacher_agreement(
+                self.run_dir(spec.name) / "eval",
+                ["agreement", result.key, teacher_result.key],
+                lambda: agreement_with_teacher(
+                    spec,
+                    prompts,
+                    teacher_result.records,
+                    student.load(),
+                    teacher.load(),
+                    student.style,
+                    teacher.style,
+                ),
+            )
+        return self.agreements[key]
 
     # -- speed
 

@@ -66,6 +66,9 @@ class TeacherSpec:
     # The prompts' own answers (reference, else label) as the samples: supervised fine-tuning
     # on gold, no model (exactly one of model, endpoint, gold).
     gold: bool = False
+    # The teacher is another spec's distilled student (``teacher.task``): that spec is run first
+    # (each stage reused when unchanged) and ``model`` becomes its fused model, once built.
+    task: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -136,8 +139,17 @@ class DropLayersSpec:
 
     keep_every: int | None = None  # keep layers 0, k, 2k, ... and always the last one
     keep: tuple[int, ...] | None = None  # or these layer indices
+    count: int | None = None  # or this many, spread evenly (first and last included)
 
     def layers_to_keep(self, n_layers: int) -> list[int]:
+        if self.count is not None:
+            if not 1 <= self.count <= n_layers:
+                raise ValueError(
+                    f"drop_layers.count: {self.count} layers to keep, the model has {n_layers}"
+                )
+            if self.count == 1:
+                return [n_layers - 1]
+            return sorted({round(i * (n_layers - 1) / (self.count - 1)) for i in range(self.count)})
         if self.keep is not None:
             bad = [i for i in self.keep if i >= n_layers]
             if bad:
@@ -179,7 +191,7 @@ class QuantizeSpec:
 
 @dataclass(frozen=True)
 class StudentSpec:
-    model: str
+    model: str  # "": the model of a teacher.task, known once that task is built
     route: str = "sft"  # sft | seq-kd | logit-kd | dpo | gkd
     prompt_style: str = "bare"  # bare: the student sees only the prompt | scaffold: as the teacher
     lora: LoraSpec | None = LoraSpec()  # None iff full_finetune

@@ -61,7 +61,7 @@ def _clip(value: object, n: int = 40) -> str:
 _TOP = ("name", "description", "prompts", "teacher", "validators", "student", "split", "eval")
 _TEACHER = (
     "model", "endpoint", "system_prompt", "few_shot", "decoding", "samples_per_prompt", "keep", "batch_size",
-    "gold",
+    "gold", "task",
 )  # fmt: skip
 _ENDPOINT = (
     "url", "urls", "model", "api_key_env", "api_key", "timeout_s", "max_concurrency",
@@ -83,7 +83,7 @@ _LORA = ("rank", "alpha", "dropout", "layers", "keys")
 _KD = ("alpha", "beta", "gamma", "temperature", "divergence", "layer_map", "cache")
 _KD_CACHE = ("top_k", "missing")
 _GKD = ("lmbda", "jsd_beta", "temperature")
-_DROP_LAYERS = ("keep_every", "keep")
+_DROP_LAYERS = ("keep_every", "keep", "count")
 _QUANTIZE = ("bits", "group_size")
 _DPO = ("beta", "pairs", "policy", "samples_per_prompt", "temperature")
 _SPLIT = ("train", "valid", "test", "seed", "stratify_by", "test_per_class", "valid_per_class")
@@ -99,15 +99,21 @@ _CLASSIFY = ("decoder", "calibrate", "content_free", "bias")
 
 
 def _teacher(m: Map, base: Path) -> TeacherSpec:
-    model = endpoint = None
+    model = endpoint = task = None
     gold = m.bool("gold", False)
-    if m.has("model") + m.has("endpoint") + gold != 1:
+    sources = m.has("model") + m.has("endpoint") + m.has("task")
+    # gold + task: the samples are the gold answers; the task's student is the model that
+    # logit-kd matches and layers are dropped from.
+    if (sources != 1 and not (gold and sources == 0)) or (gold and sources and not m.has("task")):
         raise m.doc.error(
             m.key,
-            "exactly one of 'model' (local), 'endpoint' (a server) or 'gold: true' (the "
-            "prompts' own answers)",
+            "exactly one of 'model' (local), 'endpoint' (a server), 'task' (another spec's "
+            "distilled student) or 'gold: true' (the prompts' own answers; it combines only "
+            "with 'task')",
         )
-    if m.has("model"):
+    if m.has("task"):
+        task = _teacher_task(m, base)
+    elif m.has("model"):
         model = m.str("model")
         if looks_like_path(model):
             model = str(resolve_path(base, model))
@@ -135,7 +141,32 @@ def _teacher(m: Map, base: Path) -> TeacherSpec:
         keep=m.str("keep", "first", choices=("first", "best")),
         batch_size=m.int("batch_size", 8, lo=1),
         gold=gold,
+        task=task,
     )
+
+
+# Specs whose teacher.task is being read: a chain that comes back to one of them is a cycle.
+_READING: list[Path] = []
+
+
+def _teacher_task(m: Map, base: Path) -> Path:
+    """``teacher.task``: the path of another task spec, read (and so checked) now."""
+    from distiller.errors import SpecError
+
+    value = m.str("task")
+    path = real_path(resolve_path(base, value))
+    if not path.is_file():
+        raise m.err("task", f"a task spec file (its student becomes the teacher); {path} is not one")
+    if path == real_path(m.doc.path) or path in _READING:
+        raise m.err("task", f"another spec than this one, not a cycle back to it ({path.name})")
+    _READING.append(real_path(m.doc.path))
+    try:
+        load_spec(path)
+    except SpecError as exc:
+        raise m.err("task", f"a valid task spec; {exc}") from None
+    finally:
+        _READING.pop()
+    return path
 
 
 def _endpoint(e: Map) -> EndpointSpec:
@@ -340,10 +371,13 @@ def _validators(
 
 
 def _student(m: Map, teacher: TeacherSpec) -> StudentSpec:
+    local_teacher = teacher.model is not None or teacher.task is not None
     if m.has("model"):
         model = m.str("model")
     elif teacher.model is not None:
         model = teacher.model  # distilling into the teacher's own base model (or a cut of it)
+    elif teacher.task is not None:
+        model = ""  # the teacher task's student: filled in once it is built (pipeline)
     else:
         raise m.err("model", "required when the teacher is an endpoint or gold (no local model)")
     if looks_like_path(model):
@@ -364,7 +398,7 @@ def _student(m: Map, teacher: TeacherSpec) -> StudentSpec:
         kd = _kd(m.sub("kd", _KD)) if route == "logit-kd" else _gkd(m.sub("kd", _GKD))
         # A served teacher reaches logit-kd only through the cache (its top_logprobs).
         served = teacher.endpoint is not None and route == "logit-kd" and kd.cache is not None
-        if teacher.model is None and not served:
+        if not local_teacher and not served:
             raise m.err(
                 "route",
                 f"a route other than {route}: it needs a local teacher model, not an endpoint"
@@ -377,7 +411,7 @@ def _student(m: Map, teacher: TeacherSpec) -> StudentSpec:
 
     drop = None
     if m.has("drop_layers"):
-        if teacher.model is None:
+        if not local_teacher:
             raise m.err(
                 "drop_layers",
                 "absent when the teacher is an endpoint (layers come from a local teacher)",
@@ -536,10 +570,11 @@ def _gkd(km: Map) -> KDSpec:
 
 
 def _drop_layers(dm: Map) -> DropLayersSpec:
-    if dm.has("keep_every") == dm.has("keep"):
+    if dm.has("keep_every") + dm.has("keep") + dm.has("count") != 1:
         raise dm.doc.error(
             dm.key,
-            "exactly one of keep_every (an integer >= 2) or keep (a list of layer indices)",
+            "exactly one of keep_every (an integer >= 2), keep (a list of layer indices) or "
+            "count (how many layers to keep, spread evenly)",
         )
     keep = dm.raw("keep")
     if keep is not None:
@@ -552,7 +587,9 @@ def _drop_layers(dm: Map) -> DropLayersSpec:
         if len(set(keep)) != len(keep):
             raise dm.err("keep", "distinct layer indices")
         keep = tuple(sorted(keep))
-    return DropLayersSpec(keep_every=dm.int("keep_every", None, lo=2), keep=keep)
+    return DropLayersSpec(
+        keep_every=dm.int("keep_every", None, lo=2), keep=keep, count=dm.int("count", None, lo=1)
+    )
 
 
 def _quantize(qm: Map) -> QuantizeSpec:

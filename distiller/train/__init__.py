@@ -60,9 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_cli(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from distiller.spec import load_spec
+    from distiller.pipeline import load_task
 
-    spec = load_spec(args.spec)
+    spec = load_task(args.spec)
     if args.iters is not None:
         train_spec = replace(spec.student.train, iters=args.iters, epochs=None)
         spec = replace(spec, student=replace(spec.student, train=train_spec))

@@ -19,6 +19,7 @@ import mlx.nn as nn
 from distiller.errors import UserError
 from distiller.files import atomic_dir
 from distiller.models.check import read_json_object
+from distiller.spec import DropLayersSpec
 
 # Side files of the teacher's dir that the student's are not copies of.
 _REWRITTEN = ("config.json", "model.safetensors.index.json")
@@ -43,11 +44,7 @@ def kept_layers(n_layers: int, drop: Any) -> list[int]:
             keep.append(n_layers - 1)
         return keep
     if isinstance(drop, int) and not isinstance(drop, bool):
-        if not 1 <= drop <= n_layers:
-            raise UserError(f"drop_layers: keep count must be in 1..{n_layers}, got {drop}")
-        if drop == 1:
-            return [n_layers - 1]
-        return sorted({round(i * (n_layers - 1) / (drop - 1)) for i in range(drop)})
+        return kept_layers(n_layers, DropLayersSpec(count=drop))
     if isinstance(drop, list | tuple):
         bad = [i for i in drop if not isinstance(i, int) or not 0 <= i < n_layers]
         if bad:
