@@ -182,6 +182,21 @@ def test_a_server_answering_500_leaves_the_rotation(tmp_path):
     assert chat_url(bad.url) in note and "HTTP 500" in note
 
 
+def test_a_server_is_tried_again_after_its_cooldown_and_rejoins():
+    with FakeOpenAI() as flaky, FakeOpenAI() as good:
+        flaky.push({"status": 503}, {"status": 503})  # then it recovers
+        # One slot each: flaky takes one request at a time until its second 503 puts it out.
+        be = _backend([flaky.url, good.url], max_concurrency=1, cooldown_s=0.3)
+        first = be.complete([_req(f"a{i}") for i in range(6)])
+        assert all(c.ok for c in first) and len(flaky.requests) == 2
+        time.sleep(0.5)  # past its cooldown: back in the rotation, as good as the other
+        second = be.complete([_req(f"b{i}") for i in range(8)])
+        be.close()
+    assert all(c.ok for c in second)
+    rejoined = [c for c in second if c.extra["endpoint"] == chat_url(flaky.url)]
+    assert len(rejoined) >= 1 and len(flaky.requests) == 2 + len(rejoined)
+
+
 def test_a_hanging_server_times_out_and_the_work_goes_elsewhere():
     with FakeOpenAI(delay_s=5.0) as hung, FakeOpenAI() as good:
         be = _backend([hung.url, good.url], timeout_s=0.3, max_concurrency=2, cooldown_s=600)

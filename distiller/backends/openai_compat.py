@@ -231,7 +231,8 @@ class OpenAICompatBackend:
                 return Completion(finish_reason="error", error=self._gave_up(tries, last))
             url, n = server.url, tries.get(server.url, 0)
             if sum(tries.values()):
-                self.retries += 1
+                with self._rng_lock:
+                    self.retries += 1
             # A retry on a server this request already tried backs off; a failover does not.
             if n and self._stop.wait(self._backoff(n - 1, waits.get(url))):
                 self.pool.release(server, None)

@@ -93,7 +93,9 @@ class EndpointPool:
                 free = [s for s in tier if s.in_flight < s.capacity]
                 if free:
                     # Out of rotation, the one back soonest; else the least loaded.
-                    server = min(free, key=lambda s: (s.down_until, s.in_flight / s.capacity))
+                    server = min(
+                        free, key=lambda s: (max(s.down_until, now), s.in_flight / s.capacity)
+                    )
                     server.in_flight += 1
                     server.attempts += 1
                     return server
