@@ -22,6 +22,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from distributed_step import main as train_steps  # tests/ is on sys.path
 from test_train import write_dataset, write_spec  # tests/ is on sys.path
 from tiny_lm import build_tiny_model_dir
 
@@ -118,8 +119,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def test_step_on_two_ranks_is_the_step_of_one_process_on_the_whole_batch(ring, setup, tmp_path):
     model, _ = setup
     one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
-    alone = [sys.executable, str(STEP_SCRIPT), str(model), str(one)]
-    subprocess.run(alone, check=True, capture_output=True, timeout=120)
+    train_steps(str(model), str(one))  # here, alone: the whole batch each step
     # 2 CPU streams per rank as well: both levels of the weighted mean at once.
     p = subprocess.run(
         launch(str(STEP_SCRIPT), str(model), str(two), "2"),
