@@ -211,7 +211,9 @@ def test_a_model_agrees_with_itself_whatever_its_prompt(tiny_model_dir):
     assert same.top1_agreement == 1.0 and same.kl_to_teacher == pytest.approx(0, abs=1e-6)
     assert same.student_perplexity == pytest.approx(same.teacher_perplexity)
     # Each model is prompted its own way: only answer positions are compared.
-    other = teacher_agreement(model, model, [prompt], [tok.encode("A longer prompt here")], [answer])
+    other = teacher_agreement(
+        model, model, [prompt], [tok.encode("A longer prompt here")], [answer]
+    )
     assert other.tokens == len(answer)
     log_probs = answer_log_probs(model, prompt, answer)
     assert log_probs.shape == (len(answer), model.args.vocab_size)
@@ -244,3 +246,62 @@ def test_retention_is_the_students_figure_over_the_teachers():
     (row,) = compression_rows([teacher, student])
     assert row["decode speed-up"] == 2.1 and row["prefill speed-up"] == 2.5
     assert row["retention (task)"] == "accuracy 0.90"
+
+
+# -- the agreement gate in a real pytest run ------------------------------------------------------
+
+GATE_SPEC = """\
+name: tiny_gate
+prompts:
+  items:
+    - {{id: p1, text: "Explain the split brain."}}
+    - {{id: p2, text: "Explain the thundering herd."}}
+    - {{id: p3, text: "Explain the retry storm."}}
+    - {{id: p4, text: "Explain clock skew."}}
+    - {{id: p5, text: "Explain the lost update."}}
+teacher: {{model: {teacher}}}
+validators: [{{type: length, max_words: 1000}}]
+student: {{model: {teacher}}}
+split: {{train: 0.6, valid: 0.0, test: 0.4, seed: 0}}
+eval:
+  max_tokens: 6
+  batch_size: 4
+  thresholds: {{retention_format_rate: 0.9, top1_agreement: {top1}, kl_to_teacher: 1000}}
+"""
+
+
+def run_agreement_gate(tmp: Path, teacher: Path, student: Path, top1: float):
+    import subprocess
+    import sys
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "spec.yaml").write_text(GATE_SPEC.format(teacher=teacher, top1=top1))
+    repo = Path(__file__).resolve().parent.parent
+    cmd = [
+        sys.executable, "-m", "pytest", str(repo / "evals"), "-p", "no:cacheprovider",
+        "-m", "agreement", f"--distiller-spec={tmp / 'spec.yaml'}",
+        f"--distiller-student={student}", f"--distiller-out={tmp / 'runs'}",
+        f"--distiller-baseline={tmp / 'baseline.json'}", f"--distiller-reports={tmp / 'reports'}",
+        "--distiller-models=teacher,distilled",
+    ]  # fmt: skip
+    return subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=300)
+
+
+def test_agreement_gate_passes_and_fails_on_its_thresholds(tmp_path, tiny_model_factory):
+    teacher, student = tiny_model_factory(seed=4), tiny_model_factory(seed=5)
+    # Every answer passes the length check: retention is 1.0; two random models agree on far
+    # fewer than all tokens, so a top-1 threshold of 1.0 must fail and 0.0 must pass.
+    failing = run_agreement_gate(tmp_path / "a", teacher, student, top1=1.0)
+    out = failing.stdout
+    assert failing.returncode == 1, out[-3000:] + failing.stderr[-2000:]
+    assert "test_agreement_with_teacher_meets_thresholds" in out
+    assert "top-1 agreement with the teacher" in out and "below the spec threshold 1" in out
+    assert "1 failed, 1 passed" in out  # the retention gate passed
+    report = json.loads((tmp_path / "a" / "reports" / "latest.json").read_text())
+    (row,) = report["compression"]
+    assert row["model"] == "distilled" and row["retention (format)"] == 1.0
+    assert 0 <= row["top-1 agreement"] < 1 and row["KL to teacher"] > 0
+
+    passing = run_agreement_gate(tmp_path / "b", teacher, student, top1=0.0)
+    assert passing.returncode == 0, passing.stdout[-3000:] + passing.stderr[-2000:]
+    assert "2 passed" in passing.stdout and "against the teacher" in passing.stdout

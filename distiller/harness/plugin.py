@@ -314,6 +314,13 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     frame = comparison_frame(list(s.report_doc["entries"].values()))
     for line in frame_markdown(frame).splitlines():
         tr.write_line(line)
+    if s.report_doc.get("compression"):
+        import pandas as pd
+
+        tr.write_sep("-", "against the teacher")
+        against = pd.DataFrame(s.report_doc["compression"]).dropna(axis=1, how="all")
+        for line in frame_markdown(against).splitlines():
+            tr.write_line(line)
     tr.write_line(f"reports: {s.options.reports / 'latest.md'} (+ latest.json, history.jsonl)")
     if s.baseline_written:
         tr.write_line(f"baseline rewritten: {s.options.baseline}")

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from distiller.spec.schema import TaskSpec
 from distiller.spec.sections import load_spec
 from distiller.spec.yamldoc import decode_utf8, read_text
 
@@ -48,12 +49,10 @@ def run_cli(args: argparse.Namespace) -> int:
         "prompts": len(spec.prompts),
         "labels": {lb: sum(p.label == lb for p in spec.prompts) for lb in spec.labels},
         "prompt_sets": {k: len(v) for k, v in spec.eval.prompt_sets.items()},
-        "teacher": spec.teacher.model
-        or ("gold (the prompts' own answers)" if spec.teacher.gold else None)
-        or f"{spec.teacher.endpoint.model} @ {', '.join(spec.teacher.endpoint.urls)}",
+        "teacher": _teacher_text(spec),
         "few_shot": len(spec.teacher.few_shot),
         "validators": [v.type for v in spec.validators],
-        "student": f"{spec.student.model} ({spec.student.route})",
+        "student": _student_text(spec),
         "split": (
             f"{spec.split.test_per_class} test / {spec.split.valid_per_class} valid per class"
             if spec.split.test_per_class is not None
@@ -69,3 +68,31 @@ def run_cli(args: argparse.Namespace) -> int:
             if v or v == 0:
                 print(f"{k:12} {v}")
     return 0
+
+
+def _teacher_text(spec: TaskSpec) -> str:
+    t = spec.teacher
+    if t.task is not None:
+        samples = "; samples: the prompts' own answers" if t.gold else ""
+        return f"the distilled student of {t.task.name} (built first){samples}"
+    if t.model:
+        return t.model
+    if t.gold:
+        return "gold (the prompts' own answers)"
+    assert t.endpoint is not None
+    return f"{t.endpoint.model} @ {', '.join(t.endpoint.urls)}"
+
+
+def _student_text(spec: TaskSpec) -> str:
+    s = spec.student
+    model = s.model or "the teacher"
+    d = s.drop_layers
+    if d is not None:
+        if d.count:
+            kept = f"{d.count} layers"
+        elif d.keep:
+            kept = f"layers {list(d.keep)}"
+        else:
+            kept = f"every {d.keep_every}th layer"
+        model = f"{model}, {kept} kept"
+    return f"{model} ({s.route}, {'full fine-tune' if s.full_finetune else 'LoRA'})"
