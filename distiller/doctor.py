@@ -72,6 +72,17 @@ def measure_gemm(size: int = 1024, repeats: int = 8) -> GemmSpeed:
     return GemmSpeed(size, flops / mlx_s / 1e9, flops / numpy_s / 1e9)
 
 
+def measure_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
+    """One thread's memory read bandwidth in GB/s: numpy summing a float32 array far larger
+    than the caches (best of ``repeats``). A decode step reads every weight once, so weight
+    bytes / this is the step's floor (README "Decode speed")."""
+    import numpy as np
+
+    a = np.ones(megabytes * 2**20 // 4, dtype=np.float32)
+    a.sum()  # fault the pages in
+    return a.nbytes / _best_seconds(a.sum, repeats) / 1e9
+
+
 def diagnose(measure: bool = True) -> DoctorReport:
     import mlx.core as mx
 

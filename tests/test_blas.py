@@ -79,3 +79,24 @@ def test_missing_blas_warns_once_with_fix(tmp_path):
     count, message = out.strip().split("\n", 1)
     assert count == "1"
     assert "no optimized BLAS" in message and "apt-get install" in message
+
+
+def test_mkl_installed_in_the_environment_comes_first(tmp_path, monkeypatch):
+    """``pip install "distiller[mkl]"`` puts libmkl_rt in the environment's lib/: installing it
+    is the opt-in, so it is tried before the system's BLAS (but after DISTILLER_BLAS)."""
+    (tmp_path / "lib").mkdir()
+    mkl = tmp_path / "lib" / "libmkl_rt.so.2"
+    mkl.write_bytes(b"")
+    monkeypatch.setattr(sys, "prefix", str(tmp_path))
+    monkeypatch.delenv(blas.ENV_BLAS, raising=False)
+    assert blas.candidate_blas_paths()[0] == str(mkl)
+    monkeypatch.setenv(blas.ENV_BLAS, "/some/libopenblas.so")
+    assert blas.candidate_blas_paths()[:2] == ["/some/libopenblas.so", str(mkl)]
+
+
+@pytest.mark.skipif(blas.get_threads() is None, reason="a BLAS whose threads cannot be set")
+def test_threads_sets_and_restores_the_blas_thread_count():
+    before = blas.get_threads()
+    with blas.threads(1) as ok:
+        assert ok and blas.get_threads() == 1
+    assert blas.get_threads() == before

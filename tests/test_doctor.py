@@ -46,3 +46,10 @@ def test_only_a_reference_blas_speed_is_a_problem():
         [],
         [],
     )
+
+
+def test_measured_read_bandwidth_is_a_plausible_figure():
+    from distiller.doctor import measure_bandwidth
+
+    # Any machine this runs on reads memory faster than 0.1 GB/s and slower than 10 TB/s.
+    assert 0.1 < measure_bandwidth(megabytes=32, repeats=2) < 10_000
