@@ -331,6 +331,11 @@ def generate_batch(
     if reset_peak_memory:
         mx.reset_peak_memory()
     start = time.perf_counter()
+    if len(prompts) == 1:
+        # One sequence (a lone server request): the single-stream path and its compiled decode
+        # step are faster than a batch of one, and give the same tokens.
+        return _single_as_batch(model, tokenizer, prompts[0], decoding, seeds[0], start,
+                                progress=progress, on_finish=on_finish, on_tokens=on_tokens)  # fmt: skip
     if use_shared_prefix(model, prompts, min_shared_prefix):
         return _generate_with_shared_prefix(
             model,
@@ -398,6 +403,37 @@ def generate_batch(
         prompt_time=bstats.prompt_time + prefix_time,
         generation_tokens=sum(s.produced for s in sequences),
         decode_time=bstats.decode_time,
+        start=start,
+    )
+
+
+def _single_as_batch(
+    model: Any,
+    tokenizer: Any,
+    prompt: list[int],
+    decoding: Decoding,
+    seed: int | None,
+    start: float,
+    *,
+    progress: Callable[[int], object] | None,
+    on_finish: Callable[[int, Generation], object] | None,
+    on_tokens: Callable[[int, list[int]], object] | None,
+) -> Generations:
+    g = _stream_one(
+        model, tokenizer, prompt, decoding, seed,
+        on_tokens=None if on_tokens is None else (lambda kept: on_tokens(0, kept)),
+    )  # fmt: skip
+    if on_finish is not None:
+        on_finish(0, g)
+    if progress is not None:
+        progress(1)
+    return _collect(
+        [prompt],
+        [g],
+        prefix_len=0,
+        prompt_time=g.prompt_tokens / g.prompt_tps if g.prompt_tps else 0.0,
+        generation_tokens=g.generation_tokens,
+        decode_time=g.generation_tokens / g.generation_tps if g.generation_tps else 0.0,
         start=start,
     )
 
@@ -589,16 +625,32 @@ def generate_one(
     The returned ``Generation`` carries this prompt's prefill and decode tok/s. With the same
     ``decoding``, its tokens are those of the batched paths (position 0's seed).
     """
+    _check_prompts([prompt])
+    if reset_peak_memory:
+        mx.reset_peak_memory()
+    return _stream_one(
+        model, tokenizer, prompt, decoding, _seeds(decoding.seed, 1)[0], on_text=on_text
+    )
+
+
+def _stream_one(
+    model: Any,
+    tokenizer: Any,
+    prompt: list[int],
+    decoding: Decoding,
+    seed: int | None,
+    *,
+    on_text: Callable[[str], object] | None = None,
+    on_tokens: Callable[[list[int]], object] | None = None,
+) -> Generation:
+    """One sequence through ``mlx_lm.stream_generate`` (prefill, then one token per step)."""
     from mlx_lm.generate import stream_generate
 
     from distiller.decode_step import compiled_decoder
 
-    _check_prompts([prompt])
-    sampler = make_sampler(decoding.temperature, decoding.top_p, _seeds(decoding.seed, 1)[0])
+    sampler = make_sampler(decoding.temperature, decoding.top_p, seed)
     (processors,) = _processors(tokenizer, decoding, 1) or [None]
     (sequence,) = _new_sequences(tokenizer, [prompt], decoding)
-    if reset_peak_memory:
-        mx.reset_peak_memory()
     start = time.perf_counter()
     last = None
     for last in stream_generate(
@@ -613,7 +665,10 @@ def generate_one(
     ):
         if last.text and on_text is not None:
             on_text(last.text)
-        if sequence.add(last.token) is not None:
+        done = sequence.add(last.token) is not None
+        if on_tokens is not None:
+            on_tokens(sequence.tokens)
+        if done:
             break
     if last is None or sequence.finish_reason is None:
         raise RuntimeError("stream_generate ended before the sequence finished")

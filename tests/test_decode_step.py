@@ -112,3 +112,26 @@ def tiny_dir_copy(tmp_path):
 def test_fast_ops_stay_switchable(monkeypatch):
     monkeypatch.setenv("DISTILLER_FAST_OPS", "0")
     assert not fast_ops.enabled() and not decode_step.enabled()
+
+
+def test_one_prompt_batch_takes_the_single_stream_path(tiny):
+    """A lone prompt (a server request) is decoded like ``generate_one``: same tokens, with the
+    callbacks and stats a batch gives."""
+    from distiller.generate import generate_batch
+
+    model, tokenizer = tiny
+    prompt = tokenizer.encode("a quorum is")
+    for decoding in (Decoding(max_tokens=16), Decoding(max_tokens=16, temperature=0.8, seed=4)):
+        streamed, finished, progressed = [], [], []
+        (g,) = gens = generate_batch(
+            model, tokenizer, [prompt], decoding,
+            on_tokens=lambda i, kept, out=streamed: out.append((i, list(kept))),
+            on_finish=lambda i, gen, out=finished: out.append((i, gen)),
+            progress=progressed.append,
+        )  # fmt: skip
+        assert g.tokens == generate_one(model, tokenizer, prompt, decoding).tokens
+        assert finished == [(0, g)] and progressed == [1]
+        assert streamed[-1] == (0, g.tokens) and len(streamed) == g.generation_tokens
+        st = gens.stats
+        assert st.sequences == 1 and st.generation_tokens == g.generation_tokens
+        assert st.prompt_tokens == len(prompt) and st.decode_time > 0 and st.prompt_time > 0
