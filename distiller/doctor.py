@@ -8,6 +8,7 @@ import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from distiller import blas
 
@@ -81,6 +82,20 @@ def measure_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
     a = np.ones(megabytes * 2**20 // 4, dtype=np.float32)
     a.sum()  # fault the pages in
     return a.nbytes / _best_seconds(a.sum, repeats) / 1e9
+
+
+def machine_figures() -> dict[str, Any]:
+    """This machine's speed, measured now, for a benchmark's ``extra_info``: float32 GEMM
+    GFLOP/s (MLX and numpy) and one thread's memory read GB/s, with the BLAS in use. Every
+    benchmark carries these beside its tokens/s, so a figure can be read against what the
+    machine gave at that moment (a shared machine's speed varies run to run). About a second."""
+    gemm = measure_gemm()
+    return {
+        "blas": blas.resolved_cblas_library() if sys.platform.startswith("linux") else None,
+        "gemm_gflops": gemm.mlx_gflops,
+        "numpy_gemm_gflops": gemm.numpy_gflops,
+        "read_bandwidth_gbps": measure_bandwidth(),
+    }
 
 
 def diagnose(measure: bool = True) -> DoctorReport:

@@ -123,6 +123,9 @@ def kd_step_figures(
         "cached_step_s": cached_s,
         "live_over_cached": live_s / cached_s,
         "tokens_per_step": B.token_count(batch),
+        # The live step's time includes the teacher's forward over the batch.
+        "live_tokens_per_s": B.token_count(batch) / live_s,
+        "cached_tokens_per_s": B.token_count(batch) / cached_s,
         "steps": steps,
     }
 
@@ -138,12 +141,17 @@ def test_kd_step_with_and_without_the_cache(benchmark):
     benchmark.pedantic(
         lambda: figures.update(kd_step_figures(MODEL)), rounds=1, iterations=1, warmup_rounds=0
     )
-    benchmark.extra_info.update(figures)
+    from distiller.doctor import machine_figures
+
+    benchmark.extra_info.update(figures, **machine_figures())
     assert figures["cached_positions"] == figures["supervised_tokens"] > 0, figures
     assert figures["bytes_per_token"] == 6 * figures["top_k"] + 4
     # The shard file adds only the npz container's headers to the arrays.
     assert figures["bytes_per_token"] <= figures["bytes_per_token_on_disk"], figures
     assert figures["bytes_per_token_on_disk"] < 1.2 * figures["bytes_per_token"] + 8, figures
+    for route in ("live", "cached"):
+        rate = figures[f"{route}_tokens_per_s"] * figures[f"{route}_step_s"]
+        assert rate == pytest.approx(figures["tokens_per_step"]), figures
 
 
 def main() -> None:

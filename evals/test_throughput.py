@@ -100,18 +100,28 @@ def test_batched_generation(benchmark, distiller, distiller_model):
     assert st.generation_tokens >= len(ids)  # every sequence decoded at least one token
 
 
-def test_training_step(benchmark, distiller):
+@pytest.mark.parametrize("full", [False, True], ids=["lora", "full"])
+def test_training_step(benchmark, distiller, full):
+    """One training step of the vanilla student: LoRA (the spec's settings) or full
+    fine-tuning, the same batch; ``extra_info`` adds the machine's GEMM and bandwidth figures."""
+    from distiller.doctor import machine_figures
+
     if "vanilla" not in distiller.options.models:
         pytest.skip("needs the vanilla student (the model being trained)")
-    figures, outer_s = timed(benchmark, lambda: distiller.train_step("vanilla"))
-    benchmark.extra_info.update(figures)
-    distiller.extra["LoRA train step tok/s (vanilla student)"] = round(figures["tokens_per_s"], 1)
+    figures, outer_s = timed(benchmark, lambda: distiller.train_step("vanilla", full=full))
+    benchmark.extra_info.update(figures, **machine_figures())
+    what = "full fine-tune" if full else "LoRA"
+    distiller.extra[f"{what} train step tok/s (vanilla student)"] = round(
+        figures["tokens_per_s"], 1
+    )
     # Each example of n tokens gives n - 1 (input, target) positions; padding is not counted.
     assert figures["tokens_per_step"] == figures["example_tokens"] - figures["examples"], figures
     assert figures["tokens_per_s"] == pytest.approx(figures["tokens_per_step"] / figures["step_s"])
     assert figures["steps"] * figures["step_s"] <= outer_s, (figures, outer_s)
-    # LoRA trains its adapters only: the base weights stay frozen.
-    assert 0 < figures["trainable_params"] < figures["params"], figures
+    if full:  # every weight trains
+        assert figures["trainable_params"] == figures["params"], figures
+    else:  # LoRA trains its adapters only: the base weights stay frozen
+        assert 0 < figures["trainable_params"] < figures["params"], figures
 
 
 def test_distilled_speed_is_reported_beside_vanilla(distiller):

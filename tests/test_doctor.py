@@ -53,3 +53,14 @@ def test_measured_read_bandwidth_is_a_plausible_figure():
 
     # Any machine this runs on reads memory faster than 0.1 GB/s and slower than 10 TB/s.
     assert 0.1 < measure_bandwidth(megabytes=32, repeats=2) < 10_000
+
+
+def test_machine_figures_are_measured_figures():
+    from distiller.doctor import machine_figures
+
+    figures = machine_figures()
+    assert set(figures) == {"blas", "gemm_gflops", "numpy_gemm_gflops", "read_bandwidth_gbps"}
+    assert figures["gemm_gflops"] > 0 and figures["numpy_gemm_gflops"] > 0
+    assert 0.1 < figures["read_bandwidth_gbps"] < 10_000
+    if sys.platform.startswith("linux"):
+        assert figures["blas"]  # the library providing cblas_sgemm in this process

@@ -282,9 +282,16 @@ class DistillerSession:
         return self._single_stream[key]
 
     def train_step(
-        self, name: str, steps: int = 3, batch_size: int = 4, task: str | None = None
+        self,
+        name: str,
+        steps: int = 3,
+        batch_size: int = 4,
+        task: str | None = None,
+        *,
+        full: bool = False,
     ) -> dict[str, Any]:
-        """Time LoRA training steps of ``name`` on held-out prompts (the spec's LoRA settings)."""
+        """Time training steps of ``name`` on held-out prompts: LoRA with the spec's settings,
+        or with ``full`` every weight trained (full fine-tuning), the same batch and optimizer."""
         import mlx.core as mx
         import mlx.optimizers as optim
         from mlx.utils import tree_flatten
@@ -298,8 +305,8 @@ class DistillerSession:
 
         spec = self.spec(task)
         m = self.model(name, spec.name)
-        model, _ = load_model(m.ref)  # a private copy: LoRA layers change the model
-        prepare_trainable(model, adapter_config(model, spec.student.lora, False, m.ref))
+        model, _ = load_model(m.ref)  # a private copy: training changes the model
+        prepare_trainable(model, adapter_config(model, spec.student.lora, full, m.ref))
         ids = self.prompt_ids(name, batch_size, spec.name)
         # Prompt then a fixed-length supervised tail, like an SFT example of 128+ tokens.
         examples = [Example(p + (p * 4)[:128], len(p)) for p in ids]
@@ -316,6 +323,7 @@ class DistillerSession:
         seconds = (time.perf_counter() - start) / steps
         trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
         return {
+            "fine_tune": "full" if full else "lora",
             "examples": len(examples),
             "example_tokens": sum(len(e.tokens) for e in examples),
             "tokens_per_step": token_count(batch),
