@@ -176,4 +176,3 @@ def compiled_decoder(model: Any) -> Any:
         wrapped = CompiledDecoder(model)
         object.__setattr__(model, "_distiller_compiled_decoder", wrapped)
     return wrapped
-

@@ -14,7 +14,8 @@ so a busy machine's load falls on every variant alike) and the machine's load an
 - around the step: the greedy sampler, the logits processors (repetition penalty and
   no-repeat n-gram), detokenization, ``mx.async_eval`` pipelining (what ``mlx_lm``'s
   ``stream_generate`` does) and ``distiller.generate.generate_one`` end to end;
-- levers: ``mx.compile`` of each layer's MLP (norm + SwiGLU), BLAS threads 1 vs 2.
+- levers: the compiled decode step (``distiller.decode_step``; its op count too), BLAS threads
+  1 vs 2.
 
 Run it with another BLAS to compare (``DISTILLER_BLAS=/path/libmkl_rt.so.2``; README "Decode
 speed").
@@ -55,6 +56,7 @@ def main() -> None:
     from mlx_lm.models.cache import make_prompt_cache
 
     from distiller import blas, fast_ops
+    from distiller.decode_step import compiled_decoder
     from distiller.decoding import Decoding
     from distiller.doctor import measure_bandwidth, measure_gemm
     from distiller.generate import build_messages, chat_prompt, generate_one
@@ -68,10 +70,14 @@ def main() -> None:
     gemm = measure_gemm()
     model, tok = load(args.model)
     weight_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-    print(f"memory read {bw:.1f} GB/s (one thread) | GEMM mlx {gemm.mlx_gflops:.0f} "
-          f"numpy {gemm.numpy_gflops:.0f} GFLOP/s")
-    print(f"weights {weight_bytes / 1e6:.0f} MB -> bandwidth bound {bw * 1e9 / weight_bytes:.1f} "
-          f"tok/s")
+    print(
+        f"memory read {bw:.1f} GB/s (one thread) | GEMM mlx {gemm.mlx_gflops:.0f} "
+        f"numpy {gemm.numpy_gflops:.0f} GFLOP/s"
+    )
+    print(
+        f"weights {weight_bytes / 1e6:.0f} MB -> bandwidth bound {bw * 1e9 / weight_bytes:.1f} "
+        f"tok/s"
+    )
 
     prompt = chat_prompt(tok, build_messages("Explain quorum in two sentences."))
     cache = make_prompt_cache(model)
@@ -81,11 +87,13 @@ def main() -> None:
 
     def rewind(fn):
         """``fn`` on the prefilled cache, which is then put back (so steps do not pile up)."""
+
         def run():
             offsets = [c.offset for c in cache]
             fn()
             for c, o in zip(cache, offsets, strict=True):
                 c.offset = o
+
         return run
 
     figures: dict[str, list[float]] = {}
@@ -100,8 +108,16 @@ def main() -> None:
     dot = os.path.join(os.environ.get("TMPDIR", "/tmp"), "decode_step.dot")
     mx.export_to_dot(dot, out)
     with open(dot) as f:
-        kinds = Counter(line.split('label ="')[1].split('"')[0] for line in f
-                        if "shape=rectangle" in line)
+        kinds = Counter(
+            line.split('label ="')[1].split('"')[0] for line in f if "shape=rectangle" in line
+        )
+    os.unlink(dot)
+    fast_out = compiled_decoder(model)(token, cache=cache)
+    for c in cache:
+        c.offset -= 1
+    mx.export_to_dot(dot, fast_out)
+    with open(dot) as f:
+        compiled_ops = sum(1 for line in f if "shape=rectangle" in line)
     os.unlink(dot)
 
     # Every weight matmul of a step, alone (x @ W.T for each Linear and the tied head).
@@ -118,8 +134,11 @@ def main() -> None:
 
     hidden = mx.random.normal((1, 1, model.args.hidden_size))
     mx.eval(hidden)
-    head = (lambda: mx.eval(model.model.embed_tokens.as_linear(hidden))) if head_w is not None \
+    head = (
+        (lambda: mx.eval(model.model.embed_tokens.as_linear(hidden)))
+        if head_w is not None
         else (lambda: mx.eval(model.lm_head(hidden)))
+    )
     tiny = mx.zeros((1, model.args.hidden_size))
     mx.eval(tiny)
 
@@ -135,29 +154,11 @@ def main() -> None:
     def body():
         mx.eval(model.model(token, cache=cache))
 
-    # mx.compile of each layer's attention-free part (post-attention norm + MLP).
-    layers = model.model.layers
-    plain_mlp = [(layer.post_attention_layernorm, layer.mlp) for layer in layers]
-    compiled = [mx.compile(lambda x, n=n, m=m: m(n(x))) for n, m in plain_mlp]
-
-    def use_compiled(on: bool) -> None:
-        for layer, c in zip(layers, compiled, strict=True):
-            layer.__dict__["_fused"] = c if on else None
-        type(layers[0]).__call__ = _compiled_call if on else _plain_call
-
-    _plain_call = type(layers[0]).__call__
-
-    def _compiled_call(self, x, mask=None, cache=None):
-        r = self.self_attn(self.input_layernorm(x), mask, cache)
-        h = x + r
-        return h + self.__dict__["_fused"](h)
+    # distiller.decode_step: each layer's fixed-shape parts compiled (what generate_one runs).
+    fast = compiled_decoder(model)
 
     def step_compiled():
-        use_compiled(True)
-        try:
-            step()
-        finally:
-            use_compiled(False)
+        mx.eval(mx.argmax(fast(token, cache=cache)[:, -1, :], axis=-1))
 
     # Around the step.
     logits1 = model(token, cache=cache)[:, -1, :]
@@ -199,7 +200,7 @@ def main() -> None:
         record("LM head alone", head)
         record("forward without head", rewind(body))
         record("whole step: forward + argmax + sync", rewind(step))
-        record("whole step, per-layer MLP compiled", rewind(step_compiled))
+        record("whole step, compiled decode step (decode_step.py)", rewind(step_compiled))
         record("8 steps pipelined with async_eval, per step", rewind(pipelined), per=8)
         record("greedy sampler on logits", lambda: mx.eval(greedy(logits1)))
         record("logits processors + sampler", shaped)
@@ -208,20 +209,27 @@ def main() -> None:
             with blas.threads(1):
                 record("whole step, BLAS threads 1", rewind(step))
 
-    print(f"ops in one decode step's graph: {sum(kinds.values())} (fast ops: "
-          f"{fast_ops.is_patched(model)}): " + ", ".join(f"{k} {n}" for k, n in kinds.most_common()))
+    print(
+        f"ops in one decode step's graph: {sum(kinds.values())} (fast ops: "
+        f"{fast_ops.is_patched(model)}): " + ", ".join(f"{k} {n}" for k, n in kinds.most_common())
+    )
+    print(f"ops in one compiled decode step's graph: {compiled_ops}")
     for name, values in figures.items():
         print(f"{statistics.median(values) * 1e3:9.3f} ms  {name}")
     step_s = statistics.median(figures["whole step: forward + argmax + sync"])
-    print(f"whole step: {1 / step_s:.1f} tok/s, {weight_bytes / bw / 1e9 / step_s:.0%} of the "
-          "bandwidth bound")
+    print(
+        f"whole step: {1 / step_s:.1f} tok/s, {weight_bytes / bw / 1e9 / step_s:.0%} of the "
+        "bandwidth bound"
+    )
 
     decoding = Decoding(max_tokens=args.steps)
     rates = []
     for _ in range(args.rounds):
         rates.append(generate_one(model, tok, prompt, decoding).generation_tps)
-    print(f"generate_one: {statistics.median(rates):.1f} tok/s (median of {args.rounds}, "
-          f"{args.steps} tokens)")
+    print(
+        f"generate_one: {statistics.median(rates):.1f} tok/s (median of {args.rounds}, "
+        f"{args.steps} tokens)"
+    )
     print(f"load average {os.getloadavg()[0]:.2f} at the end")
 
 
