@@ -112,6 +112,7 @@ def main() -> None:
             line.split('label ="')[1].split('"')[0] for line in f if "shape=rectangle" in line
         )
     os.unlink(dot)
+    mx.eval(out)  # the cache's buffers too, so the next graph starts from evaluated arrays
     fast_out = compiled_decoder(model)(token, cache=cache)
     for c in cache:
         c.offset -= 1
@@ -119,6 +120,8 @@ def main() -> None:
     with open(dot) as f:
         compiled_ops = sum(1 for line in f if "shape=rectangle" in line)
     os.unlink(dot)
+    mx.eval(fast_out)
+    del out, fast_out  # no stale graph may keep the cache's old buffers alive
 
     # Every weight matmul of a step, alone (x @ W.T for each Linear and the tied head).
     linears = [m for _, m in model.named_modules() if isinstance(m, nn.Linear)]
