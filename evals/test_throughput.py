@@ -6,6 +6,10 @@ wall time across runs on the same machine) and stored in ``benchmark.extra_info`
 function does the work it reports (a fresh measurement, never a memo hit); models are loaded
 and prompts rendered before it.
 
+Every ``extra_info`` also holds the machine's GEMM GFLOP/s and read bandwidth, measured right
+after the call (``distiller.doctor.machine_figures``): a shared machine's speed varies, and a
+rate means little without what the machine gave at that moment.
+
 No test here holds a speed target. Each checks that its figures are consistent: tokens counted
 are the tokens returned, and the reported times nest inside a clock the test reads around the
 benchmarked call, so a rate cannot claim more tokens or less time than really went by. Within
@@ -17,6 +21,8 @@ from __future__ import annotations
 import time
 
 import pytest
+
+from distiller.doctor import machine_figures
 
 pytestmark = [pytest.mark.throughput, pytest.mark.slow]
 
@@ -44,6 +50,7 @@ def test_single_stream(benchmark, distiller, distiller_model):
         ),
     )
     benchmark.extra_info.update(
+        machine_figures(),
         model=distiller_model,
         ms_per_sample=lat.ms_per_sample,
         ms_per_token=lat.ms_per_token,
@@ -74,6 +81,7 @@ def test_batched_generation(benchmark, distiller, distiller_model):
     )
     st = gens.stats
     benchmark.extra_info.update(
+        machine_figures(),
         model=distiller_model,
         sequences=st.sequences,
         prefill_tps=st.prompt_tps,
@@ -103,9 +111,7 @@ def test_batched_generation(benchmark, distiller, distiller_model):
 @pytest.mark.parametrize("full", [False, True], ids=["lora", "full"])
 def test_training_step(benchmark, distiller, full):
     """One training step of the vanilla student: LoRA (the spec's settings) or full
-    fine-tuning, the same batch; ``extra_info`` adds the machine's GEMM and bandwidth figures."""
-    from distiller.doctor import machine_figures
-
+    fine-tuning, the same batch."""
     if "vanilla" not in distiller.options.models:
         pytest.skip("needs the vanilla student (the model being trained)")
     figures, outer_s = timed(benchmark, lambda: distiller.train_step("vanilla", full=full))
