@@ -24,6 +24,11 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument(
+        "--compare-compiled",
+        action="store_true",
+        help="alternate runs with the compiled decode step on and off (DISTILLER_COMPILE_DECODE)",
+    )
     args = ap.parse_args()
 
     from distiller import blas
@@ -36,6 +41,20 @@ def main() -> None:
     prompt = chat_prompt(tok, build_messages(PROMPT))
     decoding = Decoding(max_tokens=args.tokens)
     generate_one(model, tok, prompt, decoding.replace(max_tokens=4))  # warm up
+    if args.compare_compiled:
+        both: dict[str, list[float]] = {"0": [], "1": []}
+        for _ in range(args.rounds):
+            for flag, rates in both.items():
+                os.environ["DISTILLER_COMPILE_DECODE"] = flag  # read on every call
+                rates.append(generate_one(model, tok, prompt, decoding).generation_tps)
+        off, on = (statistics.median(both[k]) for k in ("0", "1"))
+        print(
+            f"uncompiled {off:.1f} tok/s, compiled {on:.1f} tok/s (x{on / off:.2f}; medians of "
+            f"{args.rounds} alternated runs) | BLAS "
+            f"{os.path.basename(blas.resolved_cblas_library() or '?')} | load "
+            f"{os.getloadavg()[0]:.2f}"
+        )
+        return
     rates = [generate_one(model, tok, prompt, decoding).generation_tps for _ in range(args.rounds)]
     print(
         f"distiller BLAS {os.path.basename(blas.resolved_cblas_library() or '?')} | prompt "
