@@ -38,23 +38,22 @@ def loaded() -> tuple[Any, Any]:
 
 
 @pytest.fixture(scope="module")
-def machine(loaded) -> dict[str, Any]:
+def weight_bytes(loaded) -> int:
     from mlx.utils import tree_flatten
 
-    from distiller import blas
-    from distiller.doctor import measure_bandwidth, measure_gemm
+    return sum(v.nbytes for _, v in tree_flatten(loaded[0].parameters()))
 
-    gemm = measure_gemm()
-    bandwidth = measure_bandwidth()
-    weight_bytes = sum(v.nbytes for _, v in tree_flatten(loaded[0].parameters()))
-    return {
-        "blas": blas.resolved_cblas_library(),
-        "gemm_gflops": gemm.mlx_gflops,
-        "numpy_gemm_gflops": gemm.numpy_gflops,
-        "read_bandwidth_gbps": bandwidth,
-        "weight_mb": weight_bytes / 1e6,
-        "bandwidth_bound_tps": bandwidth * 1e9 / weight_bytes,
-    }
+
+@pytest.fixture
+def machine(weight_bytes) -> dict[str, Any]:
+    """``doctor.machine_figures`` (measured now, next to this benchmark) and the bandwidth bound:
+    weight bytes / one thread's read bandwidth, the tok/s at which reading every weight once per
+    token would take all the time."""
+    from distiller.doctor import machine_figures
+
+    figures = machine_figures()
+    bound = figures["read_bandwidth_gbps"] * 1e9 / weight_bytes
+    return {**figures, "weight_mb": weight_bytes / 1e6, "bandwidth_bound_tps": bound}
 
 
 def _prompts(tokenizer: Any, n: int) -> list[list[int]]:
