@@ -74,6 +74,8 @@ def _link(src: str, dst: str) -> None:
 
 def measure(spec: TaskSpec, route: str, runs_root: Path) -> dict:
     variant = route_spec(spec, route)
+    if variant.student == spec.student:  # the spec's own route: its own run
+        variant = spec
     run_dir = runs_root / variant.name
     share_teacher(runs_root / spec.name, run_dir)
     start = time.perf_counter()

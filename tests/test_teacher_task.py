@@ -305,3 +305,35 @@ def test_agreement_gate_passes_and_fails_on_its_thresholds(tmp_path, tiny_model_
     passing = run_agreement_gate(tmp_path / "b", teacher, student, top1=0.0)
     assert passing.returncode == 0, passing.stdout[-3000:] + passing.stderr[-2000:]
     assert "2 passed" in passing.stdout and "against the teacher" in passing.stdout
+
+
+# -- scripts/compare_routes.py: only the route changes -------------------------------------------
+
+
+def test_compare_routes_changes_only_the_route(tmp_path, four_layer_model):
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "compare_routes.py"
+    module_spec = importlib.util.spec_from_file_location("compare_routes", path)
+    routes = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(routes)
+    spec = load_spec(write_specs(tmp_path, four_layer_model))
+    variants = {r: routes.route_spec(spec, r) for r in routes.ROUTES}
+    assert {v.name for v in variants.values()} == {
+        "tiny_small-seq-kd", "tiny_small-logit-kd-kl", "tiny_small-logit-kd-reverse-kl",
+        "tiny_small-logit-kd-jsd", "tiny_small-gkd",
+    }  # fmt: skip
+    for v in variants.values():
+        # Same layers, initialisation, steps, batch and learning rate; same data and teacher.
+        assert v.student.drop_layers == spec.student.drop_layers
+        assert v.student.train == spec.student.train and v.teacher == spec.teacher
+        assert v.prompts == spec.prompts and v.split == spec.split
+    assert variants["seq-kd"].student.route == "sft" and variants["seq-kd"].student.kd is None
+    kl = variants["logit-kd/kl"].student.kd
+    assert (kl.divergence, kl.alpha, kl.beta) == ("kl", spec.student.kd.alpha, spec.student.kd.beta)
+    assert kl.cache is not None  # logit-kd routes learn from the cached top-k
+    assert variants["logit-kd/jsd"].student.kd.divergence == "jsd"
+    assert variants["logit-kd/reverse_kl"].student.kd.cache == kl.cache
+    assert variants["gkd"].student.route == "gkd" and variants["gkd"].student.kd.lmbda == 0.5
+    with pytest.raises(ValueError, match="unknown route"):
+        routes.route_spec(spec, "magic")
