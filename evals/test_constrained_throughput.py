@@ -6,7 +6,8 @@ constrained run took, so both decode as many tokens after the same prefill. ``ex
 holds both decode rates (wall clock), both CPU milliseconds per generated token (CPU time of
 the process: steadier than wall time on a machine shared with other jobs), their ratios, and
 the constraint processor's own cost per token (its calls replayed on the tokens the model
-wrote, without the model).
+wrote, without the model), and the machine's GEMM and read bandwidth measured right after
+(``doctor.machine_figures``).
 
 No test holds a speed target. Each checks what holds by construction: every constrained
 output is complete (ends with the end token) and validates; tokens counted are the tokens
@@ -23,6 +24,7 @@ import mlx.core as mx
 import pytest
 
 from distiller.decoding import Decoding
+from distiller.doctor import machine_figures
 
 pytestmark = [pytest.mark.throughput, pytest.mark.slow, pytest.mark.real_model]
 
@@ -158,6 +160,7 @@ def test_single_stream_constrained_decode(benchmark, real):
         model=MODEL,
         sequences=len(gens),
         processor_ms_per_token=processor_ms,
+        **machine_figures(),
         **_figures((tps(gens), cpu_s, tokens(gens)), (tps(unconstrained), plain_cpu_s,
                                                       tokens(unconstrained))),
     )  # fmt: skip
@@ -187,6 +190,7 @@ def test_batched_constrained_decode(benchmark, real):
         model=MODEL,
         sequences=st.sequences,
         batch_size=BATCH,
+        **machine_figures(),
         **_figures(
             (st.decode_tps, cpu_s, st.generation_tokens),
             (sp.decode_tps, plain_cpu_s, sp.generation_tokens),
