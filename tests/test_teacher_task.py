@@ -337,3 +337,41 @@ def test_compare_routes_changes_only_the_route(tmp_path, four_layer_model):
     assert variants["gkd"].student.route == "gkd" and variants["gkd"].student.kd.lmbda == 0.5
     with pytest.raises(ValueError, match="unknown route"):
         routes.route_spec(spec, "magic")
+
+
+# -- the compression fixtures ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fixture", "teacher_task", "retained"),
+    [
+        ("structured_cot_small.yaml", "structured_cot.yaml", "retention_format_rate"),
+        ("credit_risk_small.yaml", "credit_risk.yaml", "retention_accuracy"),
+    ],
+)
+def test_compression_fixtures_cut_a_distilled_teacher(fixture, teacher_task, retained):
+    tasks = Path(__file__).resolve().parent.parent / "fixtures" / "tasks"
+    spec = load_spec(tasks / fixture)
+    assert spec.teacher.task == (tasks / teacher_task).resolve()
+    assert spec.student.drop_layers.layers_to_keep(30) == [
+        0,
+        3,
+        5,
+        8,
+        11,
+        13,
+        16,
+        18,
+        21,
+        24,
+        26,
+        29,
+    ]
+    assert spec.student.route == "logit-kd" and spec.student.kd.cache is not None
+    assert spec.eval.thresholds[retained] == 0.9
+    # The same held-out prompts as the teacher's own task: retention compares like with like.
+    teacher = load_spec(spec.teacher.task)
+    from distiller.dataset import split_prompts
+
+    ids = {p.id for p in split_prompts(spec.prompts, spec.split).test}
+    assert ids == {p.id for p in split_prompts(teacher.prompts, teacher.split).test}
