@@ -375,3 +375,31 @@ def test_compression_fixtures_cut_a_distilled_teacher(fixture, teacher_task, ret
 
     ids = {p.id for p in split_prompts(spec.prompts, spec.split).test}
     assert ids == {p.id for p in split_prompts(teacher.prompts, teacher.split).test}
+
+
+def test_the_harness_builds_a_teacher_task_and_gates_against_it(tmp_path, four_layer_model):
+    import subprocess
+    import sys
+
+    student = STUDENT.replace(
+        "thresholds: {retention_format_rate: 0.5, top1_agreement: 0.1}",
+        "thresholds: {kl_to_teacher: 1000}",
+    )
+    write_specs(tmp_path, four_layer_model, student)
+    repo = Path(__file__).resolve().parent.parent
+    cmd = [
+        sys.executable, "-m", "pytest", str(repo / "evals"), "-p", "no:cacheprovider",
+        "-m", "agreement", f"--distiller-spec={tmp_path / 'small.yaml'}",
+        f"--distiller-out={tmp_path / 'runs'}", f"--distiller-reports={tmp_path / 'reports'}",
+        f"--distiller-baseline={tmp_path / 'baseline.json'}", "--distiller-models=teacher,distilled",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "1 passed, 1 skipped" in proc.stdout  # the KL gate ran; no retention threshold
+    # The teacher task was distilled first beside this run, and the student cut from it.
+    assert (tmp_path / "runs" / "tiny_teacher" / "fuse" / "model" / "config.json").exists()
+    assert (tmp_path / "runs" / "tiny_small" / "fuse" / "model" / "config.json").exists()
+    report = json.loads((tmp_path / "reports" / "latest.json").read_text())
+    (row,) = report["compression"]
+    assert row["model"] == "distilled" and row["params ratio"] < 1
+    assert report["entries"]["tiny_small/split:test/teacher"]["params"] > row["params ratio"]
