@@ -231,10 +231,8 @@ def vanilla_model(spec: TaskSpec, run_dir: Path) -> str:
     from distiller.models import resolve_model
     from distiller.train import students as S
 
-    teacher_dir = resolve_model(spec.teacher.model)
     out = run_dir / "vanilla"
-    if S.cached_kept_layers(out) != S.kept_layers(S.layer_count(teacher_dir), drop):
-        S.make_dropped_student(teacher_dir, out, drop)
+    S.dropped_student(resolve_model(spec.teacher.model), out, drop)
     return str(out)
 
 

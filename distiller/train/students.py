@@ -103,6 +103,17 @@ def cached_kept_layers(student_dir: Path) -> list[int] | None:
     return kept.get("distiller_kept_layers") if isinstance(kept, dict) else None
 
 
+def dropped_student(teacher_dir: str | Path, out_dir: str | Path, drop: Any) -> list[int]:
+    """``make_dropped_student`` unless ``out_dir`` already holds the very layers asked for
+    (``drop`` may have changed since); returns the kept indices. It is built whole or not at
+    all, so a kill never leaves one to reuse with missing weights."""
+    teacher_dir, out_dir = Path(teacher_dir), Path(out_dir)
+    wanted = kept_layers(layer_count(teacher_dir), drop)
+    if cached_kept_layers(out_dir) != wanted:
+        make_dropped_student(teacher_dir, out_dir, drop)
+    return wanted
+
+
 def make_dropped_student(teacher_dir: str | Path, out_dir: str | Path, drop: Any) -> list[int]:
     """Write a model dir holding only the kept blocks of ``teacher_dir``; returns kept indices.
 

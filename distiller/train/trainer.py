@@ -208,14 +208,9 @@ def _prepare_student(spec: TaskSpec, out_dir: Path) -> tuple[str, list[int] | No
     drop = spec.student.drop_layers
     if drop is None:
         return str(spec.student.model), None
-    teacher_dir = resolve_model(spec.teacher.model)
-    wanted = S.kept_layers(S.layer_count(teacher_dir), drop)
     student_dir = out_dir / "student_base"
-    # Reused only when it holds the very layers asked for (drop_layers may have changed); it
-    # is built whole or not at all, so a kill never leaves one to reuse with missing weights.
-    if S.cached_kept_layers(student_dir) != wanted:
-        S.make_dropped_student(teacher_dir, student_dir, drop)
-    return str(student_dir), wanted
+    kept = S.dropped_student(resolve_model(spec.teacher.model), student_dir, drop)
+    return str(student_dir), kept
 
 
 def _reference_logprobs(
