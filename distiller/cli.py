@@ -59,7 +59,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"distiller {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
-        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        # Raw epilogs: the subcommands lay out their notes and examples line by line.
+        sub_parser = sub.add_parser(
+            name, help=help_text, description=help_text, formatter_class=_Formatter
+        )
         if name == command:
             module = importlib.import_module(module_name)
             module.add_arguments(sub_parser)

@@ -382,7 +382,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.epilog = (
-        "Reruns resume: attempts already in samples.jsonl are skipped. "
+        "Reruns resume: attempts already in samples.jsonl are skipped.\n"
         "Ctrl-C stops cleanly; every finished sample is on disk."
     )
 

@@ -98,6 +98,15 @@ def train_cmd(spec: Path, ds: Path, out: Path) -> list[str]:
     return launch("-m", "distiller.cli", "train", str(spec), "--data", str(ds), "--out", str(out))
 
 
+def train_on_ranks(spec: Path, ds: Path, out: Path) -> subprocess.CompletedProcess:
+    """``distiller train`` on the ranks, to the end: it exits 0 and ``out`` holds a finished run
+    (checked apart: mlx.launch exits 0 even when a rank fails)."""
+    p = subprocess.run(train_cmd(spec, ds, out), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert (out / "train_result.json").exists(), p.stderr[-2000:]
+    return p
+
+
 def adapter(out: Path) -> dict[str, np.ndarray]:
     return {k: np.array(v) for k, v in mx.load(str(out / "adapters.safetensors")).items()}
 
@@ -150,11 +159,7 @@ def test_train_on_two_ranks_trains_what_one_process_does(ring, setup, tmp_path):
         lora=LORA,
         train="{iters: 6, batch_size: 5, learning_rate: 1.0e-3, steps_per_eval: 3}",
     )
-    p = subprocess.run(
-        train_cmd(spec, ds, tmp_path / "ranks"), capture_output=True, text=True, timeout=120
-    )
-    assert p.returncode == 0, p.stderr[-2000:]
-    assert (tmp_path / "ranks" / "train_result.json").exists(), p.stderr[-2000:]
+    p = train_on_ranks(spec, ds, tmp_path / "ranks")
     assert p.stdout.count("trained sft") == 1  # rank 0 reports; the other rank is silent
 
     ref = train(load_spec(spec), ds, tmp_path / "one", progress=False)
@@ -207,16 +212,12 @@ def test_kill_every_rank_then_resume_matches_uninterrupted_ranks(ring, setup, tm
     killed_at = json.loads(state.read_text())["step"]
     assert 10 <= killed_at < 40
 
-    resumed = subprocess.run(train_cmd(spec, ds, out), capture_output=True, text=True, timeout=120)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    train_on_ranks(spec, ds, out)  # resumed
     result = json.loads((out / "train_result.json").read_text())
     assert result["resumed_from"] == killed_at and result["steps"] == 40
     steps = [row["step"] for row in json.loads((out / "metrics.json").read_text())]
     assert steps == list(range(10, 41, 10))  # continuous: no gap, no repeat
 
-    straight = subprocess.run(
-        train_cmd(spec, ds, tmp_path / "straight"), capture_output=True, text=True, timeout=120
-    )
-    assert straight.returncode == 0, straight.stderr[-2000:]
+    train_on_ranks(spec, ds, tmp_path / "straight")
     # The same ranks doing the same sums in the same order: only float noise may differ.
     assert_close(adapter(out), adapter(tmp_path / "straight"), rel=1e-5)

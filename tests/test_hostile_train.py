@@ -15,13 +15,13 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 from hostile import refused, run
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from procs import kill_when
 
 from distiller.errors import UserError
 from distiller.spec import LoraSpec
@@ -541,18 +541,11 @@ def _kill_mid_fuse(adapter: Path, out: Path) -> None:
     holds files (the model is being written there)."""
     cmd = [sys.executable, "-c", PAUSED_FUSE, *fuse_argv(adapter, out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            building = [p for p in out.parent.glob(f".{out.name}.tmp-*") if any(p.iterdir())]
-            if building:
-                proc.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.05)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+
+    def building() -> bool:
+        return any(any(p.iterdir()) for p in out.parent.glob(f".{out.name}.tmp-*"))
+
+    kill_when(proc, building, poll_s=0.05)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode() if proc.stderr else ""
 
 
@@ -598,21 +591,15 @@ def test_a_killed_train_is_not_a_finished_one(tiny_model_dir, dataset, tmp_path)
     cmd = [sys.executable, "-m", "distiller.cli", *train_argv(spec, dataset, out, "--no-resume")]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     state = out / "checkpoint" / "state.json"
-    deadline = time.time() + 120
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                current = json.loads(state.read_text())
-            except (OSError, ValueError):
-                current = {}
-            if current.get("run_key") not in (None, first) and current["step"] >= 5:
-                proc.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.02)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+
+    def second_run_at_step_5() -> bool:
+        try:
+            current = json.loads(state.read_text())
+        except (OSError, ValueError):
+            return False
+        return current.get("run_key") not in (None, first) and current["step"] >= 5
+
+    kill_when(proc, second_run_at_step_5, poll_s=0.02)
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (out / "train_result.json").exists()
     refused(fuse_argv(out, tmp_path / "fused"), "training has not finished")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -15,8 +14,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from mlx_lm import load
+from mlx_server import MlxServer, free_port
+from procs import kill_when
 from test_train import QA, write_dataset, write_spec
 
+from distiller.backends.openai_compat import OpenAICompatBackend
 from distiller.errors import UserError
 from distiller.spec import KDSpec, LogitCacheSpec, load_spec
 from distiller.train import batches as B
@@ -213,17 +215,7 @@ def test_cache_survives_sigkill_mid_build(tmp_path, tiny_model_factory):
         tests=str(REPO / "tests"), teacher=str(teacher_dir), cache=str(killed)
     )
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if len(list(killed.glob("*.npz"))) >= 3:
-                proc.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.01)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_when(proc, lambda: len(list(killed.glob("*.npz"))) >= 3)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
     on_disk = {p.name: p.read_bytes() for p in killed.glob("*.npz")}
     assert 3 <= len(on_disk) < 24
@@ -305,33 +297,13 @@ def test_spec_cache_settings(tmp_path, tiny_model_dir):
 @pytest.fixture
 def served_tiny_model(tiny_model_factory):
     """A real ``mlx_lm.server`` on loopback serving the tiny teacher; yields its /v1 URL."""
-    import socket
-    import urllib.request
-
     model_dir = tiny_model_factory(seed=3)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlx_lm.server", "--model", str(model_dir), "--host",
-         "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                    break
-            except OSError:
-                if time.time() > deadline or proc.poll() is not None:
-                    pytest.fail("mlx_lm.server did not come up")
-                time.sleep(0.5)
-        yield f"http://127.0.0.1:{port}/v1", model_dir
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    with MlxServer(model_dir) as srv:
+        yield srv.url, model_dir
+
+
+def _served(urls, **kwargs) -> OpenAICompatBackend:
+    return OpenAICompatBackend(urls, "default_model", backoff_base_s=0.01, **kwargs)
 
 
 def test_served_teacher_fills_the_same_cache(tmp_path, served_tiny_model):
@@ -340,7 +312,7 @@ def test_served_teacher_fills_the_same_cache(tmp_path, served_tiny_model):
     url, model_dir = served_tiny_model
     teacher, tok = load(str(model_dir))
     examples = _examples(tok, 2)
-    scorer = LC.endpoint_scorer(url, "default_model", tok, 5)
+    scorer = LC.endpoint_scorer(_served(url), tok, 5)
     served, report = LC.build_cache(
         examples, tmp_path / "c", scorer, fingerprint="served", top_k=5, temperature=1.0
     )
@@ -358,6 +330,45 @@ def test_served_teacher_fills_the_same_cache(tmp_path, served_tiny_model):
     np.testing.assert_allclose(mass, 1.0, atol=5e-3)
 
 
+def test_served_teacher_across_servers_fails_over_a_dead_one(tmp_path, served_tiny_model):
+    """teacher.endpoint.urls: the cache's requests go to every server in the list; one that
+    does not answer (nothing listens on its port) leaves the rotation and its requests are
+    answered by the live one, so the cache is the one server's, position for position."""
+    url, model_dir = served_tiny_model
+    _, tok = load(str(model_dir))
+    examples = _examples(tok, 2)
+    alone, _ = LC.build_cache(
+        examples, tmp_path / "one", LC.endpoint_scorer(_served(url), tok, 4),
+        fingerprint="served", top_k=4, temperature=1.0,
+    )  # fmt: skip
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    backend = _served([dead, url], max_concurrency=2)
+    both, report = LC.build_cache(
+        examples, tmp_path / "two", LC.endpoint_scorer(backend, tok, 4),
+        fingerprint="served", top_k=4, temperature=1.0,
+    )  # fmt: skip
+    assert report.positions == len(alone.indices) > 0
+    np.testing.assert_array_equal(both.indices, alone.indices)
+    np.testing.assert_array_equal(both.logprobs, alone.logprobs)
+    dead_server, live = backend.pool.servers
+    assert dead_server.attempts >= 1 and dead_server.answered == 0
+    assert live.answered == report.positions
+    backend.close()
+
+
+def test_served_teacher_that_is_gone_is_a_clear_error(tmp_path, tiny_model_factory):
+    """Every server down: one line naming them, not a traceback or a cache with holes."""
+    _, tok = load(str(tiny_model_factory(seed=3)))
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    scorer = LC.endpoint_scorer(_served(dead, max_retries=1), tok, 3)
+    with pytest.raises(UserError, match=r"no top_logprobs from the server: .*gave up"):
+        LC.build_cache(
+            _examples(tok, 1), tmp_path / "c", scorer, fingerprint="x", top_k=3,
+            temperature=1.0,
+        )  # fmt: skip
+    assert not list((tmp_path / "c").glob("*.npz"))
+
+
 def test_served_teacher_with_another_tokenizer_is_refused(tmp_path, served_tiny_model):
     """The server's model has another vocabulary than this student's: refused, naming it."""
     url, _ = served_tiny_model
@@ -368,7 +379,7 @@ def test_served_teacher_with_another_tokenizer_is_refused(tmp_path, served_tiny_
     _, other_tok = load(str(other_dir))
     examples = _examples(other_tok, 1)
     with pytest.raises(UserError, match=r"tokenizer is not the student's"):
-        LC.endpoint_scorer(url, "default_model", other_tok, 3)(examples)
+        LC.endpoint_scorer(_served(url), other_tok, 3)(examples)
 
 
 def test_logit_kd_trains_from_a_served_teacher(tmp_path, served_tiny_model, tiny_model_factory):

@@ -44,6 +44,59 @@ def chat_url(url: str) -> str:
     return url + "/v1/chat/completions"
 
 
+def endpoint_fingerprint(urls: list[str] | tuple[str, ...], model: str) -> dict:
+    """Which teacher a set of servers is, for store and cache keys (no secrets)."""
+    if len(urls) > 1:
+        # Replicas of one model: the samples are the model's, whichever replica answered,
+        # so adding or dropping a server keeps a run resuming.
+        return {"backend": "openai_compat", "model": model}
+    return {"backend": "openai_compat", "url": chat_url(urls[0]), "model": model}
+
+
+def completions_url(chat: str) -> str:
+    """The legacy ``/completions`` URL beside a chat completions one (teacher-forced scoring:
+    chat requests cannot put the answer's first tokens in the context)."""
+    return chat[: -len("/chat/completions")] + "/completions"
+
+
+def _parse_chat(resp: httpx.Response) -> Completion:
+    try:
+        data = resp.json()
+        choice = data["choices"][0]
+        text = choice["message"]["content"]
+        if text is None:
+            text = ""
+        usage = data.get("usage") or {}
+        return Completion(
+            text=str(text),
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            completion_tokens=int(usage.get("completion_tokens") or 0),
+            finish_reason=str(choice.get("finish_reason") or ""),
+        )
+    except (ValueError, KeyError, IndexError, TypeError) as exc:
+        snippet = resp.text[:200].replace("\n", " ")
+        return Completion(
+            finish_reason="error",
+            error=f"malformed response ({type(exc).__name__}: {exc}): {snippet}",
+        )
+
+
+def _parse_top_logprobs(resp: httpx.Response) -> Completion:
+    try:
+        entries = resp.json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+        if not isinstance(entries, list):
+            raise TypeError("top_logprobs is not a list")
+    except (ValueError, KeyError, IndexError, TypeError):
+        return Completion(
+            finish_reason="error",
+            error=(
+                "the reply has no choices[0].logprobs.content[0].top_logprobs (does the server "
+                "support logprobs on /completions?)"
+            ),
+        )
+    return Completion(finish_reason="stop", extra={"top_logprobs": entries})
+
+
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
     """Seconds to wait from a Retry-After header: delta-seconds or an HTTP date; None if absent
     or unparseable."""
@@ -122,11 +175,7 @@ class OpenAICompatBackend:
     # -- identity / hygiene ----------------------------------------------------------------
 
     def fingerprint(self) -> dict:
-        if len(self.urls) > 1:
-            # Replicas of one model: the samples are the model's, whichever replica answered,
-            # so adding or dropping a server keeps a run resuming.
-            return {"backend": "openai_compat", "model": self.model}
-        return {"backend": "openai_compat", "url": self.url, "model": self.model}
+        return endpoint_fingerprint(self.urls, self.model)
 
     def notes(self) -> list[str]:
         """A line per server that failed during this backend's life (for run summaries)."""
@@ -215,11 +264,14 @@ class OpenAICompatBackend:
             headers["Authorization"] = f"Bearer {self._key}"
         return headers
 
-    def _one(self, req: CompletionRequest) -> Completion:
+    def _send(self, payload: dict, chat: bool) -> Completion:
+        """One request through the pool, retried and failed over until it is answered or
+        every server's attempts are spent. ``chat``: to ``/chat/completions`` (else the
+        legacy ``/completions`` beside it, parsed for ``top_logprobs``)."""
         tries: dict[str, int] = {}  # attempts this request made on each server
         last: dict[str, str] = {}  # and the last error each gave it
         waits: dict[str, float | None] = {}  # a server's Retry-After for this request
-        payload = self._payload(req)
+        parse = _parse_chat if chat else _parse_top_logprobs
         while True:
             try:
                 server = self.pool.acquire(tries, self.max_retries + 1, self._stop)
@@ -238,7 +290,8 @@ class OpenAICompatBackend:
                 self.pool.release(server, None)
                 return Completion(finish_reason="error", error="interrupted")
             tries[url] = n + 1
-            outcome, error, retry_after, done = self._attempt(url, payload)
+            target = url if chat else completions_url(url)
+            outcome, error, retry_after, done = self._attempt(target, payload, parse)
             self.pool.release(server, outcome, error, retry_after)
             if done is not None:
                 if done.ok:
@@ -246,7 +299,9 @@ class OpenAICompatBackend:
                 return done
             last[url], waits[url] = error, retry_after
 
-    def _attempt(self, url: str, payload: dict) -> tuple[str, str, float | None, Completion | None]:
+    def _attempt(
+        self, url: str, payload: dict, parse: Callable[[httpx.Response], Completion]
+    ) -> tuple[str, str, float | None, Completion | None]:
         """One POST: (what it says about the server, error, Retry-After, the completion if
         this request is finished: answered, or failed in a way no retry fixes)."""
         try:
@@ -258,7 +313,10 @@ class OpenAICompatBackend:
             dead = isinstance(exc, httpx.ConnectError)
             return (P.UNREACHABLE if dead else P.FAILED), error, None, None
         if resp.status_code == 200:
-            return P.OK, "", None, self._parse(resp)
+            done = parse(resp)
+            if done.error is not None:  # the one place a parsed reply's error is scrubbed
+                done.error = self._redact(done.error)
+            return P.OK, "", None, done
         body = resp.text[:300].replace("\n", " ")
         error = self._redact(f"HTTP {resp.status_code}: {body}")
         if resp.status_code in FATAL_STATUS:
@@ -280,27 +338,6 @@ class OpenAICompatBackend:
             f"{len(self.urls)} servers; last errors: {where}"
         )
 
-    def _parse(self, resp: httpx.Response) -> Completion:
-        try:
-            data = resp.json()
-            choice = data["choices"][0]
-            text = choice["message"]["content"]
-            if text is None:
-                text = ""
-            usage = data.get("usage") or {}
-            return Completion(
-                text=str(text),
-                prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                completion_tokens=int(usage.get("completion_tokens") or 0),
-                finish_reason=str(choice.get("finish_reason") or ""),
-            )
-        except (ValueError, KeyError, IndexError, TypeError) as exc:
-            snippet = resp.text[:200].replace("\n", " ")
-            return Completion(
-                finish_reason="error",
-                error=self._redact(f"malformed response ({type(exc).__name__}: {exc}): {snippet}"),
-            )
-
     def complete(
         self,
         requests: list[CompletionRequest],
@@ -312,12 +349,44 @@ class OpenAICompatBackend:
         Raises ``BackendError`` when every server fails in a way no retry can fix (401/403/404).
         On Ctrl-C the pending requests are cancelled and in-flight ones are abandoned.
         """
-        if not requests:
+        return self._fan_out([self._payload(r) for r in requests], True, on_done)
+
+    def top_logprobs(self, prompts: list[str], top_k: int) -> list[list[dict]]:
+        """The server's ``top_k`` likeliest next tokens after each prompt text, teacher-forced:
+        one ``/completions`` request per prompt (``max_tokens: 1``, greedy, ``logprobs``),
+        spread over the pool like chat requests. Each entry is ``{"token", "id"?, "logprob"}``
+        as the server names it. A prompt that cannot be scored after every retry raises
+        ``BackendError``: a teacher-logit cache has no room for holes."""
+        payloads = [
+            {
+                "model": self.model,
+                "prompt": p,
+                "max_tokens": 1,
+                "temperature": 0.0,
+                "logprobs": True,
+                "top_logprobs": top_k,
+            }
+            for p in prompts
+        ]
+        out = []
+        for c in self._fan_out(payloads, False, None):
+            if not c.ok:
+                raise BackendError(f"no top_logprobs from the server: {c.error}")
+            out.append(c.extra["top_logprobs"])
+        return out
+
+    def _fan_out(
+        self,
+        payloads: list[dict],
+        chat: bool,
+        on_done: Callable[[int, Completion], object] | None,
+    ) -> list[Completion]:
+        if not payloads:
             return []
-        pool = ThreadPoolExecutor(max_workers=min(self.pool.capacity, len(requests)))
-        futures = {pool.submit(self._one, r): i for i, r in enumerate(requests)}
+        pool = ThreadPoolExecutor(max_workers=min(self.pool.capacity, len(payloads)))
+        futures = {pool.submit(self._send, p, chat): i for i, p in enumerate(payloads)}
         try:
-            results: list[Completion | None] = [None] * len(requests)
+            results: list[Completion | None] = [None] * len(payloads)
             for f in as_completed(futures):
                 i = futures[f]
                 results[i] = f.result()

@@ -270,96 +270,70 @@ def print_log(line: str) -> None:
 # ---------------------------------------------------------------------------- served teacher
 
 
-def endpoint_scorer(
-    url: str,
-    model: str,
-    tokenizer: Any,
-    top_k: int,
-    *,
-    timeout_s: float = 120.0,
-    api_key: str | None = None,
-) -> ScoreFn:
-    """Scores examples with an OpenAI-compatible server's ``top_logprobs`` (``mlx_lm.server``,
+def endpoint_scorer(backend: Any, tokenizer: Any, top_k: int) -> ScoreFn:
+    """Scores examples with OpenAI-compatible servers' ``top_logprobs`` (``mlx_lm.server``,
     vLLM, llama.cpp): the same cache, filled by a served teacher at temperature 1.
 
     Servers report log-probabilities of the tokens they generate, not of a given answer, so
     each supervised position is one teacher-forced ``/completions`` request: the text of the
     tokens before it as the prompt, ``max_tokens: 1``, ``top_logprobs: k`` (mlx_lm.server
-    allows at most 11). One request per answer token: slow, but it needs nothing from the
-    server beyond the API (a server that reuses prompt prefixes makes it cheaper).
+    allows at most 11). ``backend`` is the teacher's ``OpenAICompatBackend``: a shard's
+    requests go out together, ``max_concurrency`` per server across all of ``urls``, retried
+    and failed over like the teacher's chat requests (a server that reuses prompt prefixes
+    makes them cheaper).
 
     Tokenizer mismatch is refused, not aligned: the prompt text must encode back to exactly
     the student's tokens, and every token the server names must have the same id in the
     student's vocabulary; the first difference is a ``UserError`` naming it. The tail is what
     the k reported probabilities leave, 1 - sum.
     """
-    import json
-    import urllib.error
-    import urllib.request
-
+    from distiller.backends import BackendError
     from distiller.errors import UserError
 
-    endpoint = url.rstrip("/") + "/completions"
+    where = ", ".join(backend.urls)
 
-    def ask(prompt: str) -> list[dict]:
-        body = {
-            "model": model,
-            "prompt": prompt,
-            "max_tokens": 1,
-            "temperature": 0.0,
-            "logprobs": True,
-            "top_logprobs": top_k,
-        }
-        headers = {"Content-Type": "application/json"}
-        if api_key:
-            headers["Authorization"] = f"Bearer {api_key}"
-        req = urllib.request.Request(endpoint, json.dumps(body).encode(), headers)
-        try:
-            with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-                reply = json.loads(resp.read())
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            raise UserError(f"{endpoint}: no top_logprobs from the server ({exc})") from None
-        try:
-            return reply["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
-        except (KeyError, IndexError, TypeError):
-            raise UserError(
-                f"{endpoint}: the reply has no choices[0].logprobs.content[0].top_logprobs "
-                "(does the server support logprobs on completions?)"
-            ) from None
-
-    def position(tokens: list[int]) -> tuple[list[int], list[float]]:
+    def context(tokens: list[int]) -> str:
         text = tokenizer.decode(tokens)
         if list(tokenizer.encode(text)) != tokens:
             raise UserError(
-                f"{endpoint}: a served teacher sees text, and the text of these {len(tokens)} "
+                f"{where}: a served teacher sees text, and the text of these {len(tokens)} "
                 "tokens does not encode back to them; refusing rather than scoring another "
                 "context"
             )
-        entries = ask(text)
+        return text
+
+    def entry_ids(entries: list[dict]) -> tuple[list[int], list[float]]:
         ids, vals = [], []
         for e in entries[:top_k]:
             here = tokenizer.convert_tokens_to_ids(e.get("token"))
             if here != e.get("id"):
                 raise UserError(
-                    f"{endpoint}: the server's tokenizer is not the student's: token "
+                    f"{where}: the server's tokenizer is not the student's: token "
                     f"{e.get('token')!r} is id {e.get('id')} there, {here} here; a served teacher "
                     "must share the student's vocabulary (refused, not aligned)"
                 )
             ids.append(int(e["id"]))
             vals.append(float(e["logprob"]))
         if len(ids) != top_k:
-            raise UserError(f"{endpoint}: asked for {top_k} top_logprobs, got {len(ids)}")
+            raise UserError(f"{where}: asked for {top_k} top_logprobs, got {len(ids)}")
         return ids, vals
 
     def score(examples: Sequence[B.Example]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        prompts = [
+            context(list(e.tokens[: p + 1]))
+            for e in examples
+            for p in range(max(e.offset - 1, 0), len(e.tokens) - 1)
+        ]
+        try:
+            replies = backend.top_logprobs(prompts, top_k)
+        except BackendError as exc:
+            raise UserError(f"{where}: {exc}") from None
         idx, vals = [], []
-        for e in examples:
-            n = len(e.tokens) - 1
-            for p in range(max(e.offset - 1, 0), n):
-                i, v = position(list(e.tokens[: p + 1]))
-                order = np.argsort(-np.asarray(v), kind="stable")
-                idx.append(np.asarray(i)[order])
-                vals.append(np.asarray(v)[order])
+        for entries in replies:
+            i, v = entry_ids(entries)
+            order = np.argsort(-np.asarray(v), kind="stable")
+            idx.append(np.asarray(i)[order])
+            vals.append(np.asarray(v)[order])
         ind = np.asarray(idx, np.int32).reshape(-1, top_k)
         lp = np.asarray(vals, np.float64).reshape(-1, top_k)
         rest = 1.0 - np.exp(lp).sum(-1)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -261,13 +260,22 @@ def _teacher_cache(
     assert cache is not None
     endpoint = spec.teacher.endpoint
     teacher: list[nn.Module] = []
+    served: list[Any] = []  # the served teacher's backend, once connected
     if endpoint is not None:  # a served teacher: its top_logprobs (the spec checked T = 1)
-        fingerprint = stable_hash(["endpoint", endpoint.url, endpoint.model], 16)
-        key = os.environ.get(endpoint.api_key_env) if endpoint.api_key_env else None
-        score = LC.endpoint_scorer(
-            endpoint.url, endpoint.model, tokenizer, cache.top_k,
-            timeout_s=endpoint.timeout_s, api_key=key,
-        )  # fmt: skip
+        from distiller.backends.openai_compat import OpenAICompatBackend, endpoint_fingerprint
+
+        # Replicas of one model give the same log-probabilities: adding or dropping a server
+        # keeps the cache.
+        fingerprint = stable_hash(
+            ["endpoint", endpoint_fingerprint(endpoint.urls, endpoint.model)], 16
+        )
+
+        def score(examples):
+            # Connected only when some shard has to be computed, as the local teacher is loaded.
+            if not served:
+                served.append(OpenAICompatBackend.from_endpoint(endpoint))
+            scorer = LC.endpoint_scorer(served[0], tokenizer, cache.top_k)
+            return scorer(examples)
     else:
         fingerprint = LC.teacher_fingerprint(resolve_model(spec.teacher.model))
 
@@ -278,17 +286,21 @@ def _teacher_cache(
             return scorer(examples)
 
     out = []
-    for examples in splits:
-        topk, _ = LC.build_cache(
-            examples,
-            dataset_dir / LC.CACHE_DIR_NAME,
-            score,
-            fingerprint=fingerprint,
-            top_k=cache.top_k,
-            temperature=kd.temperature,
-            log=LC.print_log if progress else None,
-        )
-        out.append(topk)
+    try:
+        for examples in splits:
+            topk, _ = LC.build_cache(
+                examples,
+                dataset_dir / LC.CACHE_DIR_NAME,
+                score,
+                fingerprint=fingerprint,
+                top_k=cache.top_k,
+                temperature=kd.temperature,
+                log=LC.print_log if progress else None,
+            )
+            out.append(topk)
+    finally:
+        for backend in served:
+            backend.close()
     return out
 
 
