@@ -216,6 +216,7 @@ def task_metrics(spec: TaskSpec, records: list[dict[str, Any]]) -> dict[str, Any
         out["field_accuracy"] = fa["overall"]
         out["field_accuracy_by_field"] = fa["fields"]
         out["exact_object"] = fa["exact"]
+        out.update(_extraction_metrics(spec, records, texts, refs, json_params))
     elif refs and all(_is_answers(x) for x in refs):
         # Gold answers: a string, or a list of accepted ones (the best match counts, as SQuAD).
         for r, t, x in zip(records, texts, refs, strict=True):
@@ -223,6 +224,45 @@ def task_metrics(spec: TaskSpec, records: list[dict[str, Any]]) -> dict[str, Any
         out["exact_match"] = statistics.fmean(r["exact_match"] for r in records)
         out["token_f1"] = statistics.fmean(r["token_f1"] for r in records)
     return out
+
+
+def _extraction_metrics(
+    spec: TaskSpec,
+    records: list[dict[str, Any]],
+    texts: list[str],
+    refs: list[dict],
+    json_params: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """``metrics.extraction_scores`` against the schema the answers are judged by (the
+    json_schema validator's, else the one decoding was constrained to): the figures a threshold
+    can name as numbers, the rates, intervals and per-field counts under ``extraction``, and
+    each record's own scores in ``record["extraction"]``."""
+    schema = (json_params or {}).get("schema")
+    if schema is None and spec.eval.decoding.json_schema is not None:
+        schema = json.loads(spec.eval.decoding.json_schema)
+    ex = M.extraction_scores(texts, refs, schema)
+    for r, scores in zip(records, ex.pop("records"), strict=True):
+        r["extraction"] = scores
+    rates = {k: ex[k] for k in ("schema_valid", "exact_record", "precision", "recall")}
+    return {
+        "schema_valid": rates["schema_valid"].value,
+        "exact_record": rates["exact_record"].value,
+        "field_precision": rates["precision"].value,
+        "field_recall": rates["recall"].value,
+        "field_f1": ex["f1"],
+        "extraction": {
+            **{k: r.to_dict() for k, r in rates.items()},
+            "f1": ex["f1"],
+            "f1_interval": list(ex["f1_interval"]),
+            "tp": ex["tp"],
+            "fp": ex["fp"],
+            "fn": ex["fn"],
+            "fields": ex["fields"],
+            "schema": "validator"
+            if (json_params or {}).get("schema")
+            else ("eval.json_schema" if schema is not None else "none (parses to an object)"),
+        },
+    }
 
 
 def _is_answers(reference: Any) -> bool:
@@ -523,6 +563,9 @@ def cached_evaluate_together(
             if result.key == key:
                 if kwargs.get("name"):
                     result.model = kwargs["name"]
+                # Task metrics are a function of the records and the spec: recomputed, a reused
+                # evaluation carries every metric this distiller computes, with no regeneration.
+                result.metrics["task"] = task_metrics(spec, result.records)
                 found[set_name] = result
                 del missing[set_name]
     if missing:

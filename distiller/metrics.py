@@ -36,7 +36,10 @@ Thresholds
 Task metrics
     accuracy, macro-F1, per-class report and confusion matrix (classification); exact match and
     token F1 with SQuAD v1.1's normalization and max over gold answers (extractive answers); JSON validity against a schema
-    and per-field accuracy against reference objects (extraction).
+    and per-field accuracy against reference objects (extraction); for schema-constrained
+    extraction, ``extraction_scores``: schema-valid and exact-record rates and field-level
+    precision / recall / F1 over flattened paths (its docstring defines how null, missing and
+    extra fields count).
 """
 
 from __future__ import annotations
@@ -58,10 +61,13 @@ __all__ = [
     "Rate",
     "Regression",
     "accuracy",
+    "bootstrap_f1_interval",
     "classification_report",
     "confusion_matrix",
     "exact_match",
+    "extraction_scores",
     "field_accuracy",
+    "flatten_fields",
     "format_compliance",
     "json_validity",
     "macro_f1",
@@ -69,6 +75,7 @@ __all__ = [
     "meets_threshold",
     "newcombe_interval",
     "normalize_answer",
+    "paired_bootstrap_f1_difference",
     "paired_difference_interval",
     "paired_regression_test",
     "rate",
@@ -508,17 +515,21 @@ def _parse_json(text: str) -> tuple[bool, Any]:
         return False, None
 
 
+def _schema_validator(schema: dict | None) -> Any:
+    if schema is None:
+        return None
+    import jsonschema
+
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema)
+
+
 def json_validity(
     texts: Sequence[str], schema: dict | None = None, confidence: float = 0.95
 ) -> Rate:
     """Rate of texts that parse as JSON (a lone fenced block counts) and, if given, match ``schema``."""
-    validator = None
-    if schema is not None:
-        import jsonschema
-
-        cls = jsonschema.validators.validator_for(schema)
-        cls.check_schema(schema)
-        validator = cls(schema)
+    validator = _schema_validator(schema)
     ok = 0
     for t in texts:
         parsed, value = _parse_json(t)
@@ -563,4 +574,195 @@ def field_accuracy(texts: Sequence[str], references: Sequence[dict]) -> dict[str
         "overall": sum(right.values()) / n_fields if n_fields else float("nan"),
         "fields": fields,
         "exact": exact / len(references) if references else float("nan"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Schema-constrained extraction: field-level precision / recall / F1
+
+
+def _leaf_key(value: Any) -> tuple[str, Any]:
+    """A leaf value as a hashable key under ``_same_value``'s equality: strings trimmed and
+    case-folded, numbers as floats (12 == 12.0; rounded to 9 significant digits so that float
+    dust does not split equal values), booleans apart from numbers (True is not 1)."""
+    if isinstance(value, bool):
+        return ("bool", value)
+    if isinstance(value, (int, float)):
+        return ("num", float(f"{float(value):.9g}"))
+    if isinstance(value, str):
+        return ("str", value.strip().casefold())
+    return ("json", json.dumps(value, sort_keys=True))
+
+
+def flatten_fields(value: Any, prefix: str = "") -> list[tuple[str, tuple[str, Any]]]:
+    """The leaves of a JSON value as ``(path, leaf key)`` pairs: object keys join with ``.``
+    (``reporter.name``); every element of an array shares the path ``key[]`` (``regions[]``,
+    ``items[].sku``), so arrays compare as multisets, in any order. ``null``, ``{}`` and ``[]``
+    give no leaf: they state no value."""
+    if value is None:
+        return []
+    if isinstance(value, dict):
+        out = []
+        for k, v in value.items():
+            out += flatten_fields(v, f"{prefix}.{k}" if prefix else str(k))
+        return out
+    if isinstance(value, list):
+        return [leaf for v in value for leaf in flatten_fields(v, f"{prefix}[]")]
+    return [(prefix, _leaf_key(value))]
+
+
+def _prf(tp: int, fp: int, fn: int) -> tuple[float | None, float | None, float | None]:
+    """Precision, recall, F1 from counts; None where the denominator is 0 (undefined)."""
+    p = tp / (tp + fp) if tp + fp else None
+    r = tp / (tp + fn) if tp + fn else None
+    f = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None
+    return p, r, f
+
+
+def _record_counts(predicted: Any, reference: Any) -> dict[str, list[int]]:
+    """Per path ``[tp, fp, fn]`` of one answer against its reference (multiset matching)."""
+    want = Counter(flatten_fields(reference))
+    have = Counter(flatten_fields(predicted))
+    counts: dict[str, list[int]] = {}
+    for (path, _), k in (want & have).items():
+        counts.setdefault(path, [0, 0, 0])[0] += k
+    for (path, _), k in (have - want).items():
+        counts.setdefault(path, [0, 0, 0])[1] += k
+    for (path, _), k in (want - have).items():
+        counts.setdefault(path, [0, 0, 0])[2] += k
+    return counts
+
+
+def bootstrap_f1_interval(
+    counts: Sequence[tuple[int, int, int]],
+    confidence: float = 0.95,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the micro F1 ``2 TP / (2 TP + FP + FN)`` over records:
+    whole records (their ``(tp, fp, fn)``) are resampled, because the fields of one document
+    are not independent. Seeded, so the same counts give the same interval. (0, 1) when empty."""
+    c = np.asarray(counts, dtype=np.int64).reshape(-1, 3)
+    if len(c) == 0:
+        return 0.0, 1.0
+    idx = np.random.default_rng(seed).integers(0, len(c), size=(resamples, len(c)))
+    return _quantiles(_resampled_f1(c, idx), confidence)
+
+
+def paired_bootstrap_f1_difference(
+    first: Sequence[tuple[int, int, int]],
+    second: Sequence[tuple[int, int, int]],
+    confidence: float = 0.95,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of micro F1(second) - F1(first), two models' ``(tp, fp,
+    fn)`` on the SAME records: each resample draws the same records for both, so what the
+    records share (an easy or a hard ticket) cancels out. (-1, 1) when empty."""
+    a = np.asarray(first, dtype=np.int64).reshape(-1, 3)
+    b = np.asarray(second, dtype=np.int64).reshape(-1, 3)
+    if len(a) != len(b):
+        raise ValueError(f"paired records: {len(a)} and {len(b)}")
+    if len(a) == 0:
+        return -1.0, 1.0
+    idx = np.random.default_rng(seed).integers(0, len(a), size=(resamples, len(a)))
+    return _quantiles(_resampled_f1(b, idx) - _resampled_f1(a, idx), confidence)
+
+
+def _resampled_f1(c: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    tp, fp, fn = (c[:, j][idx].sum(axis=1) for j in range(3))
+    denom = 2 * tp + fp + fn
+    return np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 1.0)
+
+
+def _quantiles(values: np.ndarray, confidence: float) -> tuple[float, float]:
+    tail = (1 - confidence) / 2
+    lo, hi = np.quantile(values, [tail, 1 - tail])
+    return float(lo), float(hi)
+
+
+def extraction_scores(
+    texts: Sequence[str],
+    references: Sequence[Any],
+    schema: dict | None = None,
+    confidence: float = 0.95,
+) -> dict[str, Any]:
+    """Schema validity, exact records and field-level precision / recall / F1 of extracted
+    JSON answers against gold objects.
+
+    Each answer is parsed as JSON (a lone fenced block counts, as in ``json_validity``); one
+    that does not parse to an object states nothing. Answer and gold are flattened to leaves
+    (``flatten_fields``: dotted paths, ``[]`` for array elements), leaves compared as
+    ``_same_value`` compares (numbers by value, strings trimmed and case-folded). Per path, as
+    multisets:
+
+    - a gold leaf the answer has with the same value: a true positive;
+    - an answer leaf with no equal gold leaf (a wrong value, a value where gold is null or the
+      array shorter, a key gold does not have): a false positive;
+    - a gold leaf the answer lacks (null, absent, or another value): a false negative. A wrong
+      value is so both a false positive and a false negative, as in entity-level F1.
+    - null, an absent key, ``{}`` and ``[]`` state no value on either side: "not stated" in gold
+      and "not stated" in the answer is no count at all (it shows in ``exact_record``), and a
+      gold null the answer fills in is a false positive.
+
+    Returns ``schema_valid`` (parses and validates against ``schema``; without one: parses to
+    an object) and ``exact_record`` (the same leaves as gold, nothing more or less), rates over
+    records with Wilson intervals; ``precision`` (TP / (TP + FP)) and ``recall`` (TP / (TP +
+    FN)) micro over every leaf of every record, as rates with Wilson intervals (over leaves,
+    which are not independent: read them as optimistic, the bootstrap below is the honest
+    one); ``f1`` (micro, 2 TP / (2 TP + FP + FN)) with ``f1_interval``, a bootstrap over whole
+    records (``bootstrap_f1_interval``); ``fields``: per path ``tp``, ``fp``, ``fn``,
+    ``support`` (gold leaves) and ``precision`` / ``recall`` / ``f1`` (None where undefined);
+    ``records``: per answer ``schema_valid``, ``exact``, ``tp``, ``fp``, ``fn`` and ``f1``
+    (1.0 for a record with nothing stated on either side).
+    """
+    _same_length(texts, references)
+    validator = _schema_validator(schema)
+    per_field: dict[str, list[int]] = {}
+    records = []
+    for text, ref in zip(texts, references, strict=True):
+        parsed, value = _parse_json(text)
+        obj = value if parsed and isinstance(value, dict) else None
+        valid = parsed and (validator.is_valid(value) if validator is not None else obj is not None)
+        counts = _record_counts(obj, ref)
+        for path, c in counts.items():
+            acc = per_field.setdefault(path, [0, 0, 0])
+            for j in range(3):
+                acc[j] += c[j]
+        tp, fp, fn = (sum(c[j] for c in counts.values()) for j in range(3))
+        f1 = _prf(tp, fp, fn)[2]
+        records.append(
+            {
+                "schema_valid": bool(valid),
+                "exact": obj is not None and fp == 0 and fn == 0,
+                "tp": tp,
+                "fp": fp,
+                "fn": fn,
+                "f1": 1.0 if f1 is None else f1,
+            }
+        )
+    n = len(records)
+    tp, fp, fn = (sum(r[k] for r in records) for k in ("tp", "fp", "fn"))
+    f1 = _prf(tp, fp, fn)[2]
+    fields = {}
+    for path in sorted(per_field):
+        t, f_p, f_n = per_field[path]
+        p, r, f = _prf(t, f_p, f_n)
+        fields[path] = {
+            "tp": t, "fp": f_p, "fn": f_n, "support": t + f_n, "precision": p, "recall": r, "f1": f,
+        }  # fmt: skip
+    return {
+        "schema_valid": rate(sum(r["schema_valid"] for r in records), n, confidence),
+        "exact_record": rate(sum(r["exact"] for r in records), n, confidence),
+        "precision": rate(tp, tp + fp, confidence),
+        "recall": rate(tp, tp + fn, confidence),
+        "f1": float("nan") if f1 is None else f1,
+        "f1_interval": bootstrap_f1_interval(
+            [(r["tp"], r["fp"], r["fn"]) for r in records], confidence
+        ),
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "fields": fields,
+        "records": records,
     }

@@ -35,7 +35,7 @@ from distiller.plots import write_plots
 BASELINE_VERSION = 2
 RATE_FIELDS = ("k", "n", "lo", "hi", "value")
 # Task metrics in order of preference for the table's single "task metric" column.
-TASK_METRICS = ("accuracy", "field_accuracy", "token_f1", "exact_match", "macro_f1")
+TASK_METRICS = ("accuracy", "field_f1", "field_accuracy", "token_f1", "exact_match", "macro_f1")
 
 
 def entry_key(task: str, prompt_set: str, model: str) -> str:
@@ -109,6 +109,8 @@ def summarize(result: Any, latency: dict[str, Any] | None = None) -> dict[str, A
         "batch_generation_tps": m.get("generation_tps"),
         "eval_key": result.key,
     }
+    if isinstance(m.get("task", {}).get("extraction"), dict):
+        out["extraction"] = m["task"]["extraction"]
     if latency:
         out["latency"] = {
             k: latency[k]
@@ -161,6 +163,12 @@ def comparison_frame(summaries: Sequence[dict[str, Any]], reference: str = "vani
             em = rate(round(answers["exact_match"] * s["n"]), s["n"])
             row["exact match [95% CI]"] = _fmt_rate(em.to_dict())
             row["token F1"] = _num(answers.get("token_f1"), 2)
+        ex = s.get("extraction")
+        if ex:
+            lo, hi = ex["f1_interval"]
+            row["schema valid [95% CI]"] = _fmt_rate(ex["schema_valid"])
+            row["exact record [95% CI]"] = _fmt_rate(ex["exact_record"])
+            row["field F1 [95% CI]"] = f"{ex['f1']:.2f} [{lo:.2f}, {hi:.2f}]"
         if ref is not None and ref is not s and ref["format"]["n"] and s["format"]["n"]:
             row[f"Δ format vs {reference}"] = (
                 f"{s['format']['value'] - ref['format']['value']:+.2f}"
@@ -273,6 +281,13 @@ def samples_markdown(results: Sequence[Any], n: int = 3, width: int = 400) -> st
                 mark = "PASS" if rec["passed"] else "FAIL: " + "; ".join(rec["reasons"][:3])
                 if "exact_match" in rec:  # scored against gold answers
                     mark += f"; EM {rec['exact_match']:.0f}, F1 {rec['token_f1']:.2f}"
+                if "extraction" in rec:  # scored against a gold object
+                    e = rec["extraction"]
+                    mark += (
+                        f"; schema-valid {'yes' if e['schema_valid'] else 'no'}, exact "
+                        f"{'yes' if e['exact'] else 'no'}, field F1 {e['f1']:.2f} "
+                        f"(TP {e['tp']}, FP {e['fp']}, FN {e['fn']})"
+                    )
                 body = rec["output"].strip().replace("```", "'''") or "(empty)"
                 parts.append(f"**{model}** ({mark})\n\n```\n{body[: width * 2]}\n```\n")
     return "\n".join(parts)
@@ -327,6 +342,90 @@ def classification_markdown(results: Sequence[Any]) -> str:
             tabulate(matrix, headers=["gold \\ predicted", *labels], tablefmt="github"),
             "",
         ]
+    return "\n".join(parts)
+
+
+def _prf_text(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+def extraction_markdown(results: Sequence[Any]) -> str:
+    """Per task and prompt set with extraction figures: one row per model (schema-valid and
+    exact-record rates with Wilson intervals, field precision / recall with theirs, micro F1
+    with its bootstrap interval over records), then the per-field breakdown (each flattened
+    path's gold support, and per model precision / recall / F1). Empty when no result has them."""
+    from tabulate import tabulate
+
+    groups: dict[tuple[str, str], list[Any]] = {}
+    for r in sorted(results, key=lambda r: _row_order({**r.header(), "model": r.model})):
+        if isinstance(r.metrics.get("task", {}).get("extraction"), dict):
+            groups.setdefault((r.task, r.prompt_set), []).append(r)
+    parts = []
+    for (task, pset), rs in groups.items():
+        rows, paths = [], {}
+        for r in rs:
+            ex = r.metrics["task"]["extraction"]
+            lo, hi = ex["f1_interval"]
+            rows.append(
+                [
+                    r.model,
+                    str(Rate.from_dict(ex["schema_valid"])),
+                    str(Rate.from_dict(ex["exact_record"])),
+                    str(Rate.from_dict(ex["precision"])),
+                    str(Rate.from_dict(ex["recall"])),
+                    f"{ex['f1']:.3f} [{lo:.3f}, {hi:.3f}]",
+                    r.metrics.get("hit_max_tokens", ""),
+                ]
+            )
+            for path, f in ex["fields"].items():
+                paths.setdefault(path, f["support"])
+        n = rs[0].metrics["n"]
+        parts += [
+            f"### {task} / {pset} (n={n})\n",
+            tabulate(
+                rows,
+                headers=[
+                    "model",
+                    "schema valid",
+                    "exact record",
+                    "field precision",
+                    "field recall",
+                    "field F1 [95% bootstrap]",
+                    "hit max_tokens",
+                ],
+                tablefmt="github",
+                disable_numparse=True,
+            ),
+            "",
+        ]
+        field_rows = []
+        for path, support in paths.items():
+            row = [path, support]
+            for r in rs:
+                f = r.metrics["task"]["extraction"]["fields"].get(path)
+                row.append(
+                    "—"
+                    if f is None
+                    else " / ".join(_prf_text(f[k]) for k in ("precision", "recall", "f1"))
+                )
+            field_rows.append(row)
+        parts += [
+            tabulate(
+                field_rows,
+                headers=["field", "gold values", *(f"{r.model} P / R / F1" for r in rs)],
+                tablefmt="github",
+                disable_numparse=True,
+            ),
+            "",
+        ]
+    if parts:
+        parts.append(
+            "Fields are flattened paths (`a.b`; `a[]` for an array's elements, compared as a "
+            "multiset); null, absent and empty state no value on either side (metrics."
+            "extraction_scores). Precision and recall intervals are Wilson over values, which "
+            "are not independent within a record: optimistic. The F1 interval resamples "
+            "records. n/a: nothing predicted (precision) or nothing in gold (recall).\n"
+        )
     return "\n".join(parts)
 
 
@@ -408,6 +507,10 @@ def build_report(
     if classes:
         md.append("## Classification\n")
         md.append(classes)
+    extraction = extraction_markdown(results)
+    if extraction:
+        md.append("## Extraction\n")
+        md.append(extraction)
     if extra:
         md.append("## Other measurements\n")
         for k, v in extra.items():

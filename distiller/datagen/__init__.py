@@ -4,6 +4,8 @@
 behaviour) rendered as text in several styles, labelled Good / Standard / Bad.
 ``qa``: incident reports with who / what / when / where / how many / which questions and their
 gold answer spans.
+``extraction``: incident tickets in four styles, with distracting values and unstated fields,
+and their gold JSON objects under a bounded JSON Schema.
 
 ``jsonl`` and ``write_main`` are what the ``scripts/make_*_data.py`` writers share: each script
 names its files and rows, these write them the same way (so regenerating stays byte for byte).
