@@ -63,22 +63,28 @@ def on_policy(spec: TaskSpec) -> bool:
 
 
 def resolve_policy(spec: TaskSpec, run_dir: str | Path | None = None) -> str:
-    """The model ``dpo.policy`` names: ``sft`` is the fused student of this task's SFT run
-    (``<run dir>/fuse/model``, default ``runs/<task>``), anything else a model reference."""
+    """The model ``dpo.policy`` names, for the stage commands: ``sft`` is the fused student of
+    an SFT run (``<run dir>/fuse/model``; by default the run of ``dpo.policy_task``,
+    ``runs/<that task>``, else ``runs/<this task>``), anything else a model reference.
+    (``distiller run`` builds ``dpo.policy_task`` itself: ``pipeline.policy_run``.)"""
     dpo = spec.student.dpo
     if dpo is None or dpo.policy is None:
         raise UserError(f"{spec.path}: student.dpo.policy: required with pairs: on_policy")
     if dpo.policy != "sft":
         return dpo.policy
+    hint = "run the task with route sft first, or name the policy model"
     if run_dir is None:
         from distiller.pipeline import default_run_dir
+        from distiller.spec import load_spec
 
-        run_dir = default_run_dir(spec)
+        task = load_spec(dpo.policy_task) if dpo.policy_task else spec
+        run_dir = default_run_dir(task)
+        if dpo.policy_task:
+            hint = f"`distiller run {dpo.policy_task}` builds it"
     model = Path(run_dir) / "fuse" / "model"
     if not (model / "config.json").is_file():
         raise UserError(
-            f"{spec.path}: student.dpo.policy: sft: no fused SFT student at {model} (run the "
-            "task with route sft first, or name the policy model)"
+            f"{spec.path}: student.dpo.policy: sft: no fused SFT student at {model} ({hint})"
         )
     return str(model)
 
@@ -332,7 +338,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--policy", help="the policy model (default: the spec's student.dpo.policy)"
     )
     parser.add_argument(
-        "--run-dir", help="where policy: sft finds its fused student (default: runs/<task>)"
+        "--run-dir",
+        help="where policy: sft finds its fused student <run dir>/fuse/model (default: "
+        "runs/<name of dpo.policy_task>, else runs/<task>)",
     )
     parser.add_argument(
         "--batch-size", type=cli_types.positive_int, help="default: the spec's eval.batch_size"
@@ -340,7 +348,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (
         "Each policy sample is saved as it is decoded; running the same command again after an\n"
         "interruption generates only the missing ones. Train on the result with\n"
-        "`distiller train SPEC --data OUT`: DPO starts from the policy, its frozen reference."
+        "`distiller train SPEC --data OUT`: DPO starts from the policy, its frozen reference.\n"
+        "`distiller run SPEC` does it all (policy_task's SFT student, pairs, DPO, fuse, report)."
     )
 
 

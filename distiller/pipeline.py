@@ -2,6 +2,10 @@
 
 spec -> teacher samples -> dataset -> adapter -> fused student -> metrics -> report
 
+On-policy DPO (``student.dpo.pairs: on_policy``) puts its SFT policy first (``dpo.policy_task``,
+distilled beside the run) and a pairs stage between dataset and training:
+dataset + policy -> pairs -> DPO adapter -> fused student.
+
 Each stage writes into its own directory under the run directory and, last of all, a
 ``stage.json`` holding the stage's cache key (a hash of everything that determines its output,
 chained from the upstream stage's key). A stage whose ``stage.json`` carries the current key is
@@ -118,6 +122,10 @@ class RunResult:
     spec: TaskSpec
     run_dir: Path
     stages: dict[str, StageResult]
+    # On-policy DPO: the model whose own answers made the pairs (DPO starts from it), and the
+    # run that built it when it is ``dpo.policy_task``'s student.
+    policy: str | None = None
+    policy_run: RunResult | None = None
 
     @property
     def student_dir(self) -> Path:
@@ -170,11 +178,40 @@ def train_stage(spec: TaskSpec, run_dir: Path, dataset: StageResult) -> StageRes
 
     student = asdict(spec.student)
     student.pop("quantize", None)  # quantization happens at fuse time
+    if student["dpo"] is not None:
+        # On-policy: the policy is in the pairs' key, which `dataset` is then.
+        student["dpo"].pop("policy_task", None)
     student["model"] = model_fingerprint(spec.student.model)
     key = {"stage": "train", "dataset": dataset.key, "student": student}
     if spec.student.route in ("logit-kd", "gkd") or spec.student.drop_layers is not None:
         key["teacher_model"] = model_fingerprint(spec.teacher.model or "")
     return run_stage("train", run_dir / "train", key, build, resumable=True)
+
+
+def pairs_stage(spec: TaskSpec, run_dir: Path, dataset: StageResult, policy: str) -> StageResult:
+    """On-policy DPO pairs: the policy answers the dataset's train/valid prompts, its failures
+    become ``rejected`` (``distiller.pairs``). Resumable: each answer is stored as decoded."""
+    from distiller.pairs import build_pairs
+
+    def build(out: Path) -> dict:
+        return asdict(build_pairs(spec, dataset.path, out, policy=policy))
+
+    dpo = asdict(spec.student.dpo)
+    for name in ("beta", "policy", "policy_task"):  # beta is DPO's; the policy is below
+        dpo.pop(name)
+    key = {
+        "stage": "pairs",
+        "dataset": dataset.key,
+        "policy": model_fingerprint(policy),
+        "dpo": dpo,
+        "decoding": spec.eval.decoding.to_dict(),
+        "seed": spec.student.train.seed,  # sampled answers (dpo.temperature > 0) are seeded
+        "validators": [asdict(v) for v in spec.validators],
+        # What the gold check compares each answer with.
+        "gold": [(p.id, p.label, p.reference) for p in spec.prompts],
+        "labels": list(spec.labels),
+    }
+    return run_stage("pairs", run_dir / "pairs", key, build, resumable=True)
 
 
 def fuse_stage(spec: TaskSpec, run_dir: Path, trained: StageResult) -> StageResult:
@@ -210,16 +247,51 @@ def with_teacher_task(spec: TaskSpec, runs_root: Path, limit: int | None = None)
     )
 
 
+def policy_run(spec: TaskSpec, runs_root: Path, limit: int | None = None) -> RunResult | None:
+    """On-policy DPO's SFT policy, ``dpo.policy_task``: that spec distilled first (into
+    ``runs_root/<its name>``, each stage reused when unchanged, as a ``teacher.task``). None
+    when the spec is not on-policy DPO or names its policy model."""
+    from distiller.errors import UserError
+    from distiller.pairs import on_policy
+
+    dpo = spec.student.dpo
+    if not on_policy(spec) or dpo is None or dpo.policy != "sft":
+        return None
+    if dpo.policy_task is None:
+        raise UserError(
+            f"{spec.path}: student.dpo.policy_task: required by `distiller run` with policy: "
+            "sft (the task spec whose fused student is the policy; `distiller pairs --run-dir` "
+            "names a run instead)"
+        )
+    policy_spec = load_spec(dpo.policy_task)
+    if policy_spec.name == spec.name:
+        raise UserError(
+            f"{spec.path}: student.dpo.policy_task: a task named other than this one "
+            f"({spec.name}): each builds in <runs>/<its name>"
+        )
+    return distill(policy_spec, runs_root / policy_spec.name, limit)
+
+
 def distill(spec: TaskSpec, run_dir: Path, limit: int | None = None) -> RunResult:
     """Spec -> fused student: every build stage, each reused when unchanged (and, first, the
-    teacher's own task when the teacher is another spec's student)."""
+    teacher's own task when the teacher is another spec's student, and the SFT policy's task
+    of on-policy DPO)."""
+    from distiller.pairs import on_policy
+
     spec = with_teacher_task(spec, run_dir.parent, limit)
+    built = policy_run(spec, run_dir.parent, limit)
     stages: dict[str, StageResult] = {}
     stages["teacher"] = teacher_stage(spec, run_dir, limit)
     stages["dataset"] = dataset_stage(spec, run_dir, stages["teacher"])
-    stages["train"] = train_stage(spec, run_dir, stages["dataset"])
+    data = stages["dataset"]
+    policy = None
+    if on_policy(spec):
+        assert spec.student.dpo is not None and spec.student.dpo.policy is not None
+        policy = str(built.student_dir) if built is not None else spec.student.dpo.policy
+        stages["pairs"] = data = pairs_stage(spec, run_dir, data, policy)
+    stages["train"] = train_stage(spec, run_dir, data)
     stages["fuse"] = fuse_stage(spec, run_dir, stages["train"])
-    return RunResult(spec, run_dir, stages)
+    return RunResult(spec, run_dir, stages, policy, built)
 
 
 def vanilla_model(spec: TaskSpec, run_dir: Path) -> str:
@@ -259,13 +331,18 @@ class Contender:
 
 
 def contenders(spec: TaskSpec, run: RunResult | None) -> list[Contender]:
-    """Teacher (with its scaffold), vanilla and distilled student (prompted as the student is)."""
+    """Teacher (with its scaffold), vanilla and distilled student (prompted as the student is);
+    for on-policy DPO its policy too, the model DPO started from (``sft`` when it is an SFT
+    student, ``policy`` when the spec names a model)."""
     found = []
     if spec.teacher.model:  # an endpoint teacher is not evaluated locally
         found.append(Contender("teacher", spec.teacher.model, "scaffold"))
     style = spec.student.prompt_style
     run_dir = run.run_dir if run is not None else default_run_dir(spec)
     found.append(Contender("vanilla", vanilla_model(spec, run_dir), style))
+    if run is not None and run.policy is not None:
+        name = "sft" if run.policy_run is not None else "policy"
+        found.append(Contender(name, run.policy, style))
     if run is not None:
         found.append(Contender("distilled", str(run.student_dir), style))
     return found
@@ -397,6 +474,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--no-eval", action="store_true", help="stop after fusing; skip evaluation and report"
+    )
+    parser.epilog = (
+        "Stages, each in its own directory of the run and reused while its inputs are unchanged:\n"
+        "  teacher -> dataset -> train -> fuse -> eval -> report\n"
+        "On-policy DPO (student.route: dpo, dpo.pairs: on_policy) adds a pairs stage:\n"
+        "  teacher -> dataset -> pairs -> train (DPO from the policy) -> fuse -> eval -> report\n"
+        "with policy: sft the SFT student of dpo.policy_task is built first, beside the run\n"
+        "(<runs>/<its name>, as a teacher.task), and the report shows it as 'sft'.\n"
+        "A killed run resumes: rerun the same command."
     )
 
 

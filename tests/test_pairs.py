@@ -10,7 +10,6 @@ import math
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from procs import kill_when
 
 from distiller.dataset import prepare_dataset, split_prompts
 from distiller.errors import SpecError, UserError
@@ -237,17 +237,7 @@ def test_sigkill_then_resume_generates_only_the_missing_samples(task, tiny_model
         stderr=subprocess.PIPE,
     )
     store = out / STORE_FILE
-    deadline = time.time() + 120
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if store.exists() and store.read_bytes().count(b"\n") >= 5:
-                proc.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.005)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_when(proc, lambda: store.exists() and store.read_bytes().count(b"\n") >= 5, poll_s=0.005)
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (out / "pairs_train.jsonl").exists()  # pairs are written only at the end
     s = build_pairs(sampled, dataset, out, policy=str(tiny_model_dir), batch_size=1, progress=False)

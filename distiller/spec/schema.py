@@ -174,9 +174,12 @@ class DPOSpec:
 
     beta: float = 0.1
     pairs: str = "teacher"  # teacher | on_policy
-    # on_policy: "sft" (this task's fused SFT student, <run dir>/fuse/model) or a model
-    # (registry name, directory, hub id).
+    # on_policy: "sft" (an SFT student: ``policy_task``'s, or <run dir>/fuse/model for the
+    # stage commands) or a model (registry name, directory, hub id).
     policy: str | None = None
+    # policy: sft: the task spec whose fused student is the policy; ``distiller run`` builds it
+    # first (beside the run, as ``teacher.task``), then the pairs, DPO and the fuse.
+    policy_task: Path | None = None
     samples_per_prompt: int = 1  # the policy's samples per train/valid prompt
     # 0: the eval decoding itself (greedy), the answer the student gives when measured;
     # > 0: that decoding sampled at this temperature, seeded per (prompt, sample).

@@ -85,7 +85,7 @@ _KD_CACHE = ("top_k", "missing")
 _GKD = ("lmbda", "jsd_beta", "temperature")
 _DROP_LAYERS = ("keep_every", "keep", "count")
 _QUANTIZE = ("bits", "group_size")
-_DPO = ("beta", "pairs", "policy", "samples_per_prompt", "temperature")
+_DPO = ("beta", "pairs", "policy", "policy_task", "samples_per_prompt", "temperature")
 _SPLIT = ("train", "valid", "test", "seed", "stratify_by", "test_per_class", "valid_per_class")
 _EVAL = (
     "max_tokens", "no_repeat_ngram", "repetition_penalty", "stop", "json_schema", "thresholds",
@@ -112,7 +112,7 @@ def _teacher(m: Map, base: Path) -> TeacherSpec:
             "with 'task')",
         )
     if m.has("task"):
-        task = _teacher_task(m, base)
+        task = _task_ref(m, "task", base, "its student becomes the teacher")
     elif m.has("model"):
         model = m.str("model")
         if looks_like_path(model):
@@ -145,25 +145,27 @@ def _teacher(m: Map, base: Path) -> TeacherSpec:
     )
 
 
-# Specs whose teacher.task is being read: a chain that comes back to one of them is a cycle.
+# Specs whose task references (teacher.task, student.dpo.policy_task) are being read: a chain
+# that comes back to one of them is a cycle.
 _READING: list[Path] = []
 
 
-def _teacher_task(m: Map, base: Path) -> Path:
-    """``teacher.task``: the path of another task spec, read (and so checked) now."""
+def _task_ref(m: Map, key: str, base: Path, role: str) -> Path:
+    """A key naming another task spec whose fused student this one uses (``teacher.task``,
+    ``student.dpo.policy_task``): its path, the spec read (and so checked) now."""
     from distiller.errors import SpecError
 
-    value = m.str("task")
+    value = m.str(key)
     path = real_path(resolve_path(base, value))
     if not path.is_file():
-        raise m.err("task", f"a task spec file (its student becomes the teacher); {path} is not one")
+        raise m.err(key, f"a task spec file ({role}); {path} is not one")
     if path == real_path(m.doc.path) or path in _READING:
-        raise m.err("task", f"another spec than this one, not a cycle back to it ({path.name})")
+        raise m.err(key, f"another spec than this one, not a cycle back to it ({path.name})")
     _READING.append(real_path(m.doc.path))
     try:
         load_spec(path)
     except SpecError as exc:
-        raise m.err("task", f"a valid task spec; {exc}") from None
+        raise m.err(key, f"a valid task spec; {exc}") from None
     finally:
         _READING.pop()
     return path
@@ -447,15 +449,24 @@ def _student(m: Map, teacher: TeacherSpec) -> StudentSpec:
 def _dpo(dm: Map) -> DPOSpec:
     pairs = dm.str("pairs", "teacher", choices=DPO_PAIRS)
     if pairs != "on_policy":
-        for name in ("policy", "samples_per_prompt", "temperature"):
+        for name in ("policy", "policy_task", "samples_per_prompt", "temperature"):
             if dm.has(name):
                 raise dm.err(name, "absent unless pairs is on_policy")
-    if pairs == "on_policy" and not dm.has("policy"):
+    if pairs == "on_policy" and not dm.has("policy") and not dm.has("policy_task"):
         raise dm.err(
             "policy",
-            "required with pairs: on_policy: 'sft' (this task's fused SFT student) or a model",
+            "required with pairs: on_policy: 'sft' (an SFT student, e.g. policy_task's) or a model",
         )
-    policy = dm.str("policy") if pairs == "on_policy" else None
+    # policy_task names the SFT student: policy is 'sft' by default then, and nothing else.
+    default = "sft" if dm.has("policy_task") else None
+    policy = dm.str("policy", default) if pairs == "on_policy" else None
+    task = None
+    if dm.has("policy_task"):
+        if policy != "sft":
+            raise dm.err(
+                "policy_task", f"absent unless policy is sft (the policy is the model {policy})"
+            )
+        task = _task_ref(dm, "policy_task", dm.doc.path.parent, "its student is the policy")
     if policy is not None and policy != "sft" and looks_like_path(policy):
         policy = str(resolve_path(dm.doc.path.parent, policy))
     n = dm.int("samples_per_prompt", 1, lo=1)
@@ -468,6 +479,7 @@ def _dpo(dm: Map) -> DPOSpec:
         beta=dm.float("beta", 0.1, lo=0, lo_open=True),
         pairs=pairs,
         policy=policy,
+        policy_task=task,
         samples_per_prompt=n,
         temperature=temperature,
     )
@@ -898,6 +910,32 @@ def _check_span_references(
                 )  # fmt: skip
 
 
+def _check_policy_holds_out(
+    doc: Doc, student: StudentSpec, prompts: tuple[Prompt, ...], split: SplitSpec
+) -> None:
+    """A ``dpo.policy_task`` student must not have trained on this spec's held-out prompts:
+    the SFT policy is compared with the DPO student on them."""
+    from distiller.dataset import split_prompts
+    from distiller.errors import UserError
+
+    task = student.dpo.policy_task if student.dpo else None
+    if task is None:
+        return
+    policy = load_spec(task)
+    try:
+        test = {p.text for p in split_prompts(prompts, split).test}
+        seen = split_prompts(policy.prompts, policy.split)
+    except UserError:
+        return  # a split that cannot be made is reported by the stage that makes it
+    leaked = [p.id for p in (*seen.train, *seen.valid) if p.text in test]
+    if leaked:
+        raise doc.error(
+            "student.dpo.policy_task",
+            f"a task that holds out this spec's test prompts; {len(leaked)} are in its "
+            f"train/valid split (e.g. {leaked[0]!r}: give both specs the same prompts and split)",
+        )
+
+
 def load_spec(path: str | Path) -> TaskSpec:
     """Read and validate a task spec; raises ``SpecError`` (file, key, expected, line)."""
     path = real_path(Path(path).expanduser())
@@ -944,6 +982,7 @@ def load_spec(path: str | Path) -> TaskSpec:
 
     student = _student(top.sub("student", _STUDENT), teacher)
     split = _split(top.sub("split", _SPLIT), prompts)
+    _check_policy_holds_out(doc, student, prompts, split)
     em = top.sub("eval", _EVAL)
     ev = _eval(em, base, template, fld)
     _check_held_out(doc, prompts, ev)
