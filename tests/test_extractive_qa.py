@@ -14,7 +14,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from distiller import report as R
+from distiller.backends.gold import gold_answer
 from distiller.datagen import qa
+from distiller.dataset import split_prompts
 from distiller.errors import SpecError
 from distiller.evaluate import EvalResult, task_metrics
 from distiller.metrics import normalize_answer, rate, wilson_interval
@@ -120,6 +122,30 @@ def test_shipped_spec_loads_with_gold_lists_and_contexts():
     for p in spec.prompts:
         assert isinstance(p.reference, list) and is_span(p.reference[0], p.meta["context"])
     assert spec.eval.dev
+
+
+def test_gold_target_spec_measures_the_same_test_prompts_the_same_way():
+    # CI gates extractive QA through extractive_qa_gold.yaml: its figures are comparable with
+    # the teacher-distilled spec's only if everything but the training targets is the same.
+    distilled, gold = load_spec(TASK), load_spec(TASK.with_name("extractive_qa_gold.yaml"))
+    assert gold.teacher.gold and not distilled.teacher.gold
+    assert [p.id for p in split_prompts(gold.prompts, gold.split).test] == [
+        p.id for p in split_prompts(distilled.prompts, distilled.split).test
+    ]
+    assert gold.validators == distilled.validators
+    assert (gold.eval.decoding, gold.eval.thresholds, gold.eval.dev) == (
+        distilled.eval.decoding,
+        distilled.eval.thresholds,
+        distilled.eval.dev,
+    )
+    assert gold.student.prompt_style == distilled.student.prompt_style == "bare"
+    assert (gold.student.lora, gold.student.train) == (
+        distilled.student.lora,
+        distilled.student.train,
+    )
+    # The gold teacher's answer is each passage's own span, which the span validator accepts.
+    for p in gold.prompts:
+        assert gold_answer(p) == p.reference[0] and is_span(gold_answer(p), p.meta["context"])
 
 
 def _spec_with(tmp_path: Path, entry: dict) -> Path:
