@@ -34,6 +34,37 @@ def test_the_spec_splits_into_balanced_held_out_sets_with_no_leaks():
     assert spec.teacher.gold and spec.eval.classify.labels == ("Bad", "Good", "Standard")
 
 
+def test_the_quick_spec_differs_from_the_spec_only_in_its_training_steps():
+    # CI gates the classification playbook through credit_risk_quick.yaml; its figures stand for
+    # credit_risk.yaml's only if the data, split, decoder, thresholds and route are the same.
+    full, quick = load_spec(SPEC), load_spec(SPEC.with_name("credit_risk_quick.yaml"))
+    assert (quick.name, full.name) == ("credit_risk_quick", "credit_risk")
+    assert quick.prompts == full.prompts and quick.eval.dev == full.eval.dev
+    assert (quick.split, quick.validators, quick.teacher) == (
+        full.split,
+        full.validators,
+        full.teacher,
+    )
+    assert (quick.eval.classify, quick.eval.thresholds, quick.eval.decoding) == (
+        full.eval.classify,
+        full.eval.thresholds,
+        full.eval.decoding,
+    )
+    q, f = quick.student, full.student
+    assert (q.model, q.route, q.full_finetune, q.lora) == (
+        f.model,
+        f.route,
+        f.full_finetune,
+        f.lora,
+    )
+    assert (q.train.learning_rate, q.train.max_seq_length) == (
+        f.train.learning_rate,
+        f.train.max_seq_length,
+    )
+    # Half the training prompts (steps x batch) of the full spec.
+    assert q.train.iters * q.train.batch_size * 2 <= f.train.iters * f.train.batch_size
+
+
 # ---------------------------------------------------------------------------------------------
 # Per-class split quotas
 
