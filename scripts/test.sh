@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test command (README, CI): sets up what is missing, runs the unit tests (including those on
 # the real embedded model; two pytest-xdist workers: many tests wait on real processes and
-# servers), then three gates of the eval suite on the real model. Pipeline artifacts are cached
+# servers), then five gates of the eval suite on the real model. Pipeline artifacts are cached
 # under runs/: a second run reuses them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,8 +23,17 @@ pytest evals -m "structure or agreement" -q --distiller-spec fixtures/tasks/stru
   --distiller-models=teacher,distilled
 # The extraction gate: incident_extraction's student (SFT on gold JSON objects), decoded under the
 # task's JSON Schema, validates on every test ticket (eval.thresholds.schema_valid: 1.0), reaches
-# the spec's field F1, and regresses on no task metric against the baseline. The other gold-
-# measured playbooks (credit_risk, extractive_qa) cost 15-30 min each here: run them with
-# `pytest evals -m quality --distiller-spec fixtures/tasks/<task>.yaml`.
+# the spec's field F1, and regresses on no task metric against the baseline.
 pytest evals -m quality -q --distiller-spec fixtures/tasks/incident_extraction.yaml \
+  --distiller-models=distilled
+# The classification gate: credit_risk_quick's student (full fine-tune on the gold labels; the
+# credit_risk spec with half its training prompts, chosen on dev) ranks the labels of the balanced
+# test split to the spec's accuracy, at least eval.thresholds.accuracy_lift above the vanilla
+# model on the same prompts (paired interval above 0), with no regression against the baseline.
+pytest evals -m quality -q --distiller-spec fixtures/tasks/credit_risk_quick.yaml \
+  --distiller-models=vanilla,distilled
+# The extractive-QA gate: extractive_qa_gold's student (LoRA SFT on the gold spans; the
+# extractive_qa spec without its 135M teacher pass) answers the test questions with spans of the
+# passage (format_rate) to the spec's SQuAD exact match and token F1, with no regression.
+pytest evals -m "structure or quality" -q --distiller-spec fixtures/tasks/extractive_qa_gold.yaml \
   --distiller-models=distilled
