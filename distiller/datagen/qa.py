@@ -235,7 +235,13 @@ def make_row(index: int, seed: int, prefix: str = "qa") -> Row:
     context = " ".join(s[0].upper() + s[1:] for s in sentences)
     qtype, role, phrasings = d.pick(QUESTIONS)
     question = d.pick(phrasings).format_map(values)
-    same_type = [k for k in sorted(used) if k[:-1] == role[:-1] and k != role]
+    # The planned node count (n3) can equal the hours (n2): then it restates the answer and is no
+    # distractor. (Drawing n2 again would change committed passages that were measured.)
+    same_type = [
+        k
+        for k in sorted(used)
+        if k[:-1] == role[:-1] and k != role and not set(forms[k]) & set(forms[role])
+    ]
     return Row(
         id=f"{prefix}-{index:04d}",
         context=context,
